@@ -1,0 +1,4 @@
+"""The image domain: model, lifecycle rules, permissions and the SQL state table.
+
+Nothing here imports Prefect, boto3 or the CLI: adapters depend on the catalog, never the reverse.
+"""

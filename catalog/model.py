@@ -1,0 +1,204 @@
+"""The image model: types, states, formats and the errors the domain raises."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+
+
+class ImageType(str, enum.Enum):
+    OS = "OS"
+    CDROM = "CDROM"
+    DATABLOCK = "DATABLOCK"
+
+
+class ImageState(str, enum.Enum):
+    INIT = "INIT"
+    READY = "READY"
+    USED = "USED"
+    DISABLED = "DISABLED"
+    LOCKED = "LOCKED"
+    ERROR = "ERROR"
+    CLONE = "CLONE"
+    DELETE = "DELETE"
+    USED_PERS = "USED_PERS"
+    LOCKED_USED = "LOCKED_USED"
+    LOCKED_USED_PERS = "LOCKED_USED_PERS"
+
+    @property
+    def short(self) -> str:
+        """The list view's short name (as in the product docs' life-cycle table)."""
+        return _SHORT_NAMES[self]
+
+
+_SHORT_NAMES = {
+    ImageState.INIT: "init",
+    ImageState.READY: "rdy",
+    ImageState.USED: "used",
+    ImageState.DISABLED: "disa",
+    ImageState.LOCKED: "lock",
+    ImageState.ERROR: "err",
+    ImageState.CLONE: "clon",
+    ImageState.DELETE: "dele",
+    ImageState.USED_PERS: "used",
+    ImageState.LOCKED_USED: "lock",
+    ImageState.LOCKED_USED_PERS: "lock",
+}
+
+
+class DiskFormat(str, enum.Enum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+class Bus(str, enum.Enum):
+    VIRTIO = "virtio"
+    SCSI = "scsi"
+    SATA = "sata"
+    IDE = "ide"
+
+    @property
+    def dev_prefix(self) -> str:
+        return {"virtio": "vd", "scsi": "sd", "sata": "sd", "ide": "hd"}[self.value]
+
+
+class Operation(str, enum.Enum):
+    """The file operations a flow performs on an image; recorded so `retry` can re-run them."""
+
+    UPLOAD = "upload"
+    CLONE = "clone"
+    CREATE_EMPTY = "create-empty"
+    DELETE = "delete"
+
+
+class HcxError(Exception):
+    """Base of every error hcx-images reports to a user: the message says what and what to do."""
+
+
+class Refused(HcxError):
+    """The request breaks a rule; nothing was changed."""
+
+
+class NotFound(Refused):
+    pass
+
+
+class PermissionDenied(Refused):
+    pass
+
+
+class ConcurrentChange(HcxError):
+    """Another request changed the image first; the caller may re-read and try again."""
+
+
+class StorageError(HcxError):
+    """An object-store operation failed."""
+
+
+class TransientStorageError(StorageError):
+    """Worth retrying: timeouts, throttling, 5xx, dropped connections."""
+
+
+class IntegrityError(StorageError):
+    """Bytes are not what they were said to be (size, hash, ETag or format); never retried."""
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'10G', '512M', '1048576' -> bytes (binary units, like qemu-img)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text.upper())
+    if not match or int(match.group(1)) <= 0:
+        raise Refused(f"Invalid size {text!r}: use a positive number with K, M, G or T (e.g. 10G).")
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)]
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}".replace(".0", "")
+        n /= 1024
+    return str(n)
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Image:
+    id: int
+    name: str
+    owner: str
+    group: str
+    type: ImageType
+    persistent: bool
+    bus: Bus
+    format: DiskFormat
+    datastore: str
+    state: ImageState
+    prev_state: ImageState | None = None
+    permissions: int = 0o600
+    description: str = ""
+    attributes: dict = field(default_factory=dict)
+    size: int | None = None
+    virtual_size: int | None = None
+    source: str | None = None
+    source_etag: str | None = None
+    sha256: str | None = None
+    running_vms: int = 0
+    cloning_ops: int = 0
+    cloning_id: int | None = None
+    snapshots: int = 0
+    error: str | None = None
+    last_operation: dict | None = None
+    flow_run_id: str | None = None
+    upload_id: str | None = None
+    version: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def dev_prefix(self) -> str:
+        """CDROMs have no prefix of their own (the rules drop it); disks follow the bus."""
+        return "" if self.type is ImageType.CDROM else self.bus.dev_prefix
+
+    def with_changes(self, **changes) -> "Image":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """The JSON shape of `show --json`: enums by value, state by its full name."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner": self.owner,
+            "group": self.group,
+            "type": self.type.value,
+            "state": self.state.value,
+            "prev_state": self.prev_state.value if self.prev_state else None,
+            "persistent": self.persistent,
+            "bus": self.bus.value,
+            "dev_prefix": self.dev_prefix,
+            "format": self.format.value,
+            "size": self.size,
+            "virtual_size": self.virtual_size,
+            "sha256": self.sha256,
+            "datastore": self.datastore,
+            "source": self.source,
+            "permissions": f"{self.permissions:03o}",
+            "description": self.description,
+            "attributes": self.attributes,
+            "running_vms": self.running_vms,
+            "cloning_ops": self.cloning_ops,
+            "cloning_id": self.cloning_id,
+            "snapshots": self.snapshots,
+            "error": self.error,
+            "flow_run_id": self.flow_run_id,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+        }

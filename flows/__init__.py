@@ -1,0 +1,1 @@
+"""One module per image operation; each flow reads as the list of steps it performs."""

@@ -1,0 +1,45 @@
+"""Flow-run state hooks: turn a run's outcome into a catalog transition.
+
+Hooks are not guaranteed to run (a killed worker runs none), so every step they take is
+idempotent and the scheduled reconcile flow is the backstop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from catalog import rules
+from catalog.model import HcxError, Image, ImageState
+from catalog.store import open_catalog
+
+log = logging.getLogger("hcx.hooks")
+
+
+def failure_reason(state) -> str:
+    """The error a failed/crashed/cancelled run ended with, as a user should read it."""
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception:  # the result itself may be unreadable after a crash
+        result = None
+    if isinstance(result, BaseException):
+        return str(result) or type(result).__name__
+    return state.message or state.name
+
+
+def unlock_image(image: Image | None, flow_run_id: str) -> None:
+    if image is None or image.state not in rules.LOCKED_STATES:
+        return
+    open_catalog().transition(image.id, rules.unlock, flow_run_id=flow_run_id, message="file operation succeeded")
+
+
+def fail_image(image: Image | None, flow_run_id: str, reason: str) -> None:
+    if image is None or image.state not in rules.LOCKED_STATES:
+        return
+    try:
+        open_catalog().transition(image.id, rules.fail, reason, flow_run_id=flow_run_id, message=reason)
+    except HcxError:
+        log.exception("could not move image %s to ERROR", image.id)
+
+
+def image_state_is(image: Image | None, state: ImageState) -> bool:
+    return image is not None and image.state is state

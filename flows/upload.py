@@ -1,0 +1,87 @@
+"""Upload: stage -> register (LOCKED) -> copy into the datastore -> delete the staging object.
+
+The user gets the image id as soon as step 2 is recorded; steps 3-4 run on. The hooks move the
+image to READY, or to ERROR with "Error copying image in the datastore: <reason>", and the staging
+object goes whatever the outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from blocks.datastore import ObjectRef, load_datastore
+from catalog.model import HcxError
+from catalog.requests import UploadRequest
+from catalog.store import open_catalog
+from flows.hooks import fail_image, failure_reason, unlock_image
+from tasks.images import check_upload_request, record_source, register_upload
+from tasks.objects import copy_into_datastore, delete_object, inspect_staged, stage_local_file
+
+log = logging.getLogger("hcx.upload")
+
+
+def upload_id_of(request: UploadRequest, flow_run_id: str) -> str:
+    """The staged object's id: given by whoever staged it, else this run's id."""
+    return request.upload_id or str(flow_run_id)
+
+
+def _request_of(run) -> UploadRequest:
+    return UploadRequest.model_validate(run.parameters["request"])
+
+
+def _on_success(flow, run, state) -> None:
+    request = _request_of(run)
+    unlock_image(open_catalog().find_by_upload_id(upload_id_of(request, run.id)), str(run.id))
+
+
+def _on_failure(flow, run, state) -> None:
+    request = _request_of(run)
+    upload_id = upload_id_of(request, run.id)
+    image = open_catalog().find_by_upload_id(upload_id)
+    fail_image(image, str(run.id), f"Error copying image in the datastore: {failure_reason(state)}")
+    _drop_staging(request.datastore, upload_id)
+
+
+def _drop_staging(datastore: str, upload_id: str) -> None:
+    """The staging object goes in all cases (reconcile sweeps it if even this fails)."""
+    try:
+        store = load_datastore(datastore)
+        store.delete(store.staging_ref(upload_id))
+    except HcxError:
+        log.exception("could not delete the staging object of upload %s; reconcile will", upload_id)
+
+
+def _run_name() -> str:
+    request = UploadRequest.model_validate(flow_run.parameters["request"])
+    return f"upload {request.name} -> {request.datastore}"
+
+
+@flow(
+    name="upload",
+    flow_run_name=_run_name,
+    on_completion=[_on_success],
+    on_failure=[_on_failure],
+    on_crashed=[_on_failure],
+    on_cancellation=[_on_failure],
+    log_prints=True,
+)
+def upload(request: UploadRequest) -> int:
+    """Register an image from staged bytes (or a file on the worker) and copy it into its datastore."""
+    upload_id = upload_id_of(request, flow_run.get_id())
+    check_upload_request(request, upload_id)
+    if request.path:
+        stage_local_file(request.path, request.datastore, upload_id)
+    inspected = inspect_staged(request.datastore, upload_id, request.driver, request.expected_sha256)
+    image = register_upload(request, upload_id, inspected)
+    target = load_datastore(request.datastore).image_ref(upload_id)
+    copy_into_datastore(src=inspected.ref, dst=target, etag=inspected.etag,
+                        size=image.size, sha256=image.sha256)
+    record_source(image.id, target)
+    if target != inspected.ref:
+        cleanup = delete_object(inspected.ref, return_state=True)
+        if cleanup.is_failed():
+            get_run_logger().warning("Staging object %s stays for reconcile: %s", inspected.ref, cleanup.message)
+    return image.id

@@ -1,0 +1,1 @@
+"""Retryable units of I/O used by the flows (and, as plain functions, by the CLI)."""

@@ -1,0 +1,46 @@
+"""Progress of a long copy, shown as a Prefect progress artifact (throttled) and/or a callback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+
+MIN_UPDATE_INTERVAL = 0.5  # at most two artifact updates a second
+
+
+class ProgressArtifact:
+    """A byte counter usable as a boto3 Callback (called from several transfer threads)."""
+
+    def __init__(self, total: int, description: str, also: Callable[[int], None] | None = None):
+        self.total = max(total, 1)
+        self.description = description
+        self.done = 0
+        self.also = also
+        self._lock = threading.Lock()
+        self._last_update = 0.0
+        # Outside a task run (the CLI) there is no run to attach an artifact to.
+        self._artifact_id = create_progress_artifact(0.0, description=description) if TaskRunContext.get() else None
+
+    def __call__(self, amount: int) -> None:
+        with self._lock:
+            self.done += amount
+            now = time.monotonic()
+            due = now - self._last_update >= MIN_UPDATE_INTERVAL or self.done >= self.total
+            if due:
+                self._last_update = now
+        if self.also is not None:
+            self.also(amount)
+        if due and self._artifact_id is not None:
+            update_progress_artifact(self._artifact_id, self.percent)
+
+    @property
+    def percent(self) -> float:
+        return min(100.0, round(100.0 * self.done / self.total, 1))
+
+    def finish(self) -> None:
+        if self._artifact_id is not None:
+            update_progress_artifact(self._artifact_id, 100.0)

@@ -1,0 +1,158 @@
+"""Moving image bytes: staging, inspection, adopt/copy into a datastore, export.
+
+Plain functions (the CLI calls them too); `tasks/objects.py` wraps them as retryable Prefect tasks.
+Memory stays bounded: bytes pass through in chunks of Settings.stream_chunk or, for multipart
+transfers, Settings.part_size * (max_concurrency + queued_parts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from blocks.datastore import ObjectInfo, ObjectRef, S3Datastore
+from catalog.model import DiskFormat, IntegrityError, NotFound, Refused
+from catalog.settings import Settings, get_settings
+from tasks.inspection import Inspection, inspect_stream
+
+Progress = Callable[[int], None]
+
+# Server-side reads of local paths (a flow given `path`) are refused under these, as the reference
+# does with RESTRICTED_DIRS, unless the path lies under one of Settings.safe_dirs.
+_RESTRICTED_DIRS = (Path("/etc"), Path("/root"), Path("/home"), Path("/proc"), Path("/sys"), Path("/dev"), Path("/var/lib"))
+
+
+class HashingReader:
+    """A read-only file-like wrapper that hashes and counts the bytes read through it."""
+
+    def __init__(self, stream: BinaryIO, progress: Progress | None = None):
+        self._stream = stream
+        self._progress = progress
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._stream.read(size)
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        if self._progress is not None and chunk:
+            self._progress(len(chunk))
+        return chunk
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class InspectedObject:
+    ref: ObjectRef
+    etag: str
+    inspection: Inspection
+
+
+def check_local_source(path: Path, settings: Settings | None = None) -> Path:
+    """Resolve symlinks, then refuse a missing file or one under a restricted directory."""
+    settings = settings or get_settings()
+    real = Path(path).expanduser().resolve()
+    if not real.is_file():
+        raise Refused(f"File {path} does not exist or is not a regular file: check the --path.")
+    restricted = (*_RESTRICTED_DIRS, settings.home.expanduser().resolve())
+    safe = [Path(d).expanduser().resolve() for d in settings.safe_dirs]
+    if any(real.is_relative_to(d) for d in restricted) and not any(real.is_relative_to(d) for d in safe):
+        raise Refused(
+            f"File {path} lies in a restricted directory; the service does not read from there. "
+            "Upload it with the CLI, or add its directory to HCX_SAFE_DIRS."
+        )
+    return real
+
+
+def stage_file(path: Path, datastore: S3Datastore, upload_id: str, progress: Progress | None = None) -> ObjectInfo:
+    """Upload a local file into the datastore's staging area (multipart, bounded memory)."""
+    ref = datastore.staging_ref(upload_id)
+    with open(path, "rb") as source:
+        return datastore.upload(source, ref, progress=progress)
+
+
+def inspect_object(datastore: S3Datastore, ref: ObjectRef, declared: DiskFormat | None,
+                   progress: Progress | None = None) -> InspectedObject:
+    """Stream the object once through the format inspector and sha256; pin what was read by ETag."""
+    body, info = datastore.open_read(ref)
+    with body:
+        inspection = inspect_stream(
+            body, declared=declared, origin=f"Object {ref}", chunk_size=get_settings().stream_chunk,
+            on_chunk=(lambda c: progress(len(c))) if progress else None,
+        )
+    if inspection.size != info.size:
+        raise IntegrityError(f"Object {ref}: read {inspection.size} bytes, the store announced {info.size}")
+    return InspectedObject(ref=ref, etag=info.etag, inspection=inspection)
+
+
+def copy_object(*, src_store: S3Datastore, src: ObjectRef, dst_store: S3Datastore, dst: ObjectRef,
+                etag: str, size: int, sha256: str, progress: Progress | None = None) -> ObjectInfo:
+    """Put the inspected bytes at `dst`, moving no byte twice:
+    same key -> adopt where it lies; same endpoint -> server-side copy; else a streamed copy.
+    Every path proves the bytes are the inspected ones (ETag pin, size and sha256)."""
+    if src_store.same_endpoint(dst_store) and (src.bucket, src.key) == (dst.bucket, dst.key):
+        info = dst_store.head(dst, if_match=etag)
+        if progress is not None:
+            progress(info.size)
+    elif src_store.same_endpoint(dst_store):
+        info = dst_store.server_copy(src, dst, if_match=etag, progress=progress)
+    else:
+        info = _stream_copy(src_store, src, dst_store, dst, etag=etag, sha256=sha256, progress=progress)
+    if info.size != size:
+        dst_store.delete(dst)
+        raise IntegrityError(f"Copy to {dst} has {info.size} bytes, expected {size}")
+    return info
+
+
+def _stream_copy(src_store: S3Datastore, src: ObjectRef, dst_store: S3Datastore, dst: ObjectRef, *,
+                 etag: str, sha256: str, progress: Progress | None) -> ObjectInfo:
+    body, _ = src_store.open_read(src, if_match=etag)
+    with body:
+        reader = HashingReader(body, progress)
+        info = dst_store.upload(reader, dst)
+    if reader.sha256 != sha256:
+        dst_store.delete(dst)
+        raise IntegrityError(f"Copy to {dst}: sha256 {reader.sha256} differs from the inspected {sha256}")
+    return info
+
+
+def matches(datastore: S3Datastore, ref: ObjectRef, *, size: int, sha256: str) -> bool:
+    """Whether `ref` already holds exactly these bytes (re-hashed, never trusted by name)."""
+    try:
+        body, info = datastore.open_read(ref)
+    except NotFound:
+        return False
+    with body:
+        if info.size != size:
+            return False
+        reader = HashingReader(body)
+        while reader.read(get_settings().stream_chunk):
+            pass
+    return reader.sha256 == sha256
+
+
+def export_object(datastore: S3Datastore, ref: ObjectRef, dest: Path, *, sha256: str | None,
+                  etag: str | None = None, progress: Progress | None = None) -> str:
+    """Download to `dest` and verify the recorded sha256; a mismatch leaves no file behind."""
+    partial = dest.with_name(f".{dest.name}.partial")
+    try:
+        body, _ = datastore.open_read(ref, if_match=etag)
+        with body, open(partial, "wb") as out:
+            reader = HashingReader(body, progress)
+            while chunk := reader.read(get_settings().stream_chunk):
+                out.write(chunk)
+        if sha256 and reader.sha256 != sha256:
+            raise IntegrityError(
+                f"Image bytes at {ref} hash to {reader.sha256}, the catalog records {sha256}: "
+                "the stored copy is damaged; do not use this export."
+            )
+        os.replace(partial, dest)
+    finally:
+        partial.unlink(missing_ok=True)
+    return reader.sha256
