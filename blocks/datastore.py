@@ -22,6 +22,7 @@ from catalog.model import IntegrityError, NotFound, StorageError, TransientStora
 from catalog.settings import get_settings
 
 Progress = Callable[[int], None]
+MAX_PARTS = 9_000  # S3 allows 10,000 parts per multipart upload; keep a margin
 
 # What the object store (or the way to it) can raise; anything else is a bug and propagates as is.
 _S3_ERRORS = (ClientError, BotoCoreError, Boto3Error, OSError)
@@ -145,11 +146,13 @@ class S3Datastore(Block):
         ))
 
     @staticmethod
-    def transfer_config() -> TransferConfig:
+    def transfer_config(size_hint: int | None = None) -> TransferConfig:
+        """Bounded transfers; parts grow for huge objects so they stay under S3's 10,000 parts."""
         s = get_settings()
+        part_size = max(s.part_size, -(-(size_hint or 0) // MAX_PARTS))
         config = TransferConfig(
-            multipart_threshold=s.part_size,
-            multipart_chunksize=s.part_size,
+            multipart_threshold=part_size,
+            multipart_chunksize=part_size,
             max_concurrency=s.max_concurrency,
             max_io_queue=s.queued_parts,
         )
@@ -230,21 +233,25 @@ class S3Datastore(Block):
             raise storage_error(exc, f"read {ref}") from None
         return reply["Body"], ObjectInfo(size=reply["ContentLength"], etag=reply["ETag"])
 
-    def upload(self, fileobj: BinaryIO, ref: ObjectRef, *, progress: Progress | None = None) -> ObjectInfo:
-        """Multipart upload from a file or a stream with bounded memory (see Settings)."""
+    def upload(self, fileobj: BinaryIO, ref: ObjectRef, *, size_hint: int | None = None,
+               progress: Progress | None = None) -> ObjectInfo:
+        """Multipart upload from a file or a stream with bounded memory (see Settings); give the
+        size of a stream when known, so a huge one gets parts large enough."""
         try:
-            self.client().upload_fileobj(fileobj, ref.bucket, ref.key, Config=self.transfer_config(), Callback=progress)
+            self.client().upload_fileobj(fileobj, ref.bucket, ref.key, Config=self.transfer_config(size_hint),
+                                         Callback=progress)
         except _S3_ERRORS as exc:
             raise storage_error(exc, f"upload to {ref}") from None
         return self.head(ref)
 
-    def server_copy(self, src: ObjectRef, dst: ObjectRef, *, if_match: str, progress: Progress | None = None) -> ObjectInfo:
+    def server_copy(self, src: ObjectRef, dst: ObjectRef, *, if_match: str, size: int,
+                    progress: Progress | None = None) -> ObjectInfo:
         """Copy inside the endpoint (UploadPartCopy past the part size, so past 5 GB too), every
         part pinned to the inspected ETag."""
         try:
             self.client().copy(
                 {"Bucket": src.bucket, "Key": src.key}, dst.bucket, dst.key,
-                ExtraArgs={"CopySourceIfMatch": if_match}, Config=self.transfer_config(), Callback=progress,
+                ExtraArgs={"CopySourceIfMatch": if_match}, Config=self.transfer_config(size), Callback=progress,
             )
         except _S3_ERRORS as exc:
             raise storage_error(exc, f"copy {src} to {dst}") from None

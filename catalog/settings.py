@@ -36,8 +36,9 @@ class Settings(BaseSettings):
         "restricted directory (home directories, hcx's own home).",
     )
     # Transfer bounds. Peak transfer memory per process is about
-    # part_size * (max_concurrency + queued_parts): 16 MiB * (4 + 4) = 128 MiB by default.
-    part_size: int = Field(default=16 * MiB, ge=5 * MiB)
+    # part_size * (max_concurrency + queued_parts): 8 MiB * (4 + 4) = 64 MiB by default
+    # (parts grow for objects over 9,000 parts, see S3Datastore.transfer_config).
+    part_size: int = Field(default=8 * MiB, ge=5 * MiB)
     max_concurrency: int = Field(default=4, ge=1)
     queued_parts: int = Field(default=4, ge=1)
     stream_chunk: int = Field(default=1 * MiB, ge=64 * 1024)

@@ -82,7 +82,7 @@ def create(
         try:
             with open(path, "rb") as source, transfer_bar(f"staging {path.name}", size) as advance:
                 reader = transfer.HashingReader(source, advance)
-                store.upload(reader, store.staging_ref(upload_id))
+                store.upload(reader, store.staging_ref(upload_id), size_hint=size)
             request = UploadRequest(
                 owner=actor.user, group=actor.group, name=name, type=type_, datastore=datastore,
                 persistent=persistent, bus=bus, driver=driver, description=description,

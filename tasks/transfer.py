@@ -74,7 +74,7 @@ def stage_file(path: Path, datastore: S3Datastore, upload_id: str, progress: Pro
     """Upload a local file into the datastore's staging area (multipart, bounded memory)."""
     ref = datastore.staging_ref(upload_id)
     with open(path, "rb") as source:
-        return datastore.upload(source, ref, progress=progress)
+        return datastore.upload(source, ref, size_hint=path.stat().st_size, progress=progress)
 
 
 def inspect_object(datastore: S3Datastore, ref: ObjectRef, declared: DiskFormat | None,
@@ -101,9 +101,9 @@ def copy_object(*, src_store: S3Datastore, src: ObjectRef, dst_store: S3Datastor
         if progress is not None:
             progress(info.size)
     elif src_store.same_endpoint(dst_store):
-        info = dst_store.server_copy(src, dst, if_match=etag, progress=progress)
+        info = dst_store.server_copy(src, dst, if_match=etag, size=size, progress=progress)
     else:
-        info = _stream_copy(src_store, src, dst_store, dst, etag=etag, sha256=sha256, progress=progress)
+        info = _stream_copy(src_store, src, dst_store, dst, etag=etag, size=size, sha256=sha256, progress=progress)
     if info.size != size:
         dst_store.delete(dst)
         raise IntegrityError(f"Copy to {dst} has {info.size} bytes, expected {size}")
@@ -111,11 +111,11 @@ def copy_object(*, src_store: S3Datastore, src: ObjectRef, dst_store: S3Datastor
 
 
 def _stream_copy(src_store: S3Datastore, src: ObjectRef, dst_store: S3Datastore, dst: ObjectRef, *,
-                 etag: str, sha256: str, progress: Progress | None) -> ObjectInfo:
+                 etag: str, size: int, sha256: str, progress: Progress | None) -> ObjectInfo:
     body, _ = src_store.open_read(src, if_match=etag)
     with body:
         reader = HashingReader(body, progress)
-        info = dst_store.upload(reader, dst)
+        info = dst_store.upload(reader, dst, size_hint=size)
     if reader.sha256 != sha256:
         dst_store.delete(dst)
         raise IntegrityError(f"Copy to {dst}: sha256 {reader.sha256} differs from the inspected {sha256}")

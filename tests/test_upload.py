@@ -12,6 +12,7 @@ import pytest
 from blocks.datastore import ObjectRef, S3Datastore, load_datastore
 from catalog.model import DiskFormat, ImageState, ImageType
 from flows.upload import upload
+from tests.conftest import qemu_img
 
 
 def sha256_of(path) -> str:
@@ -69,6 +70,23 @@ def _object_count(store: S3Datastore) -> int:
     return len(store.list_keys(store.bucket, store.prefix))
 
 
+@pytest.fixture
+def refused_args(tmp_path, raw_file, qcow2_file):
+    """The `create` arguments of each refusal case, given the name to use."""
+    vmdk = tmp_path / "disk.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", str(vmdk), "16M")
+    child = tmp_path / "child.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(qcow2_file), "-F", "qcow2", str(child))
+    return {
+        "mismatch": lambda name: ["--name", name, "--path", raw_file, "--driver", "qcow2"],
+        "unknown": lambda name: ["--name", name, "--path", vmdk],
+        "missing": lambda name: ["--name", name, "--path", tmp_path / "no-such-file"],
+        "duplicate": lambda name: ["--name", name, "--path", raw_file],
+        "persistent_cdrom": lambda name: ["--name", name, "--path", raw_file, "--type", "CDROM", "--persistent"],
+        "backing_file": lambda name: ["--name", name, "--path", child, "--driver", "qcow2"],
+    }
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
@@ -80,40 +98,21 @@ def _object_count(store: S3Datastore) -> int:
         ("backing_file", "refused as unsafe (qcow2)"),
     ],
 )
-def test_refusals_change_nothing(cli, catalog, default_store, staging_leftovers, tmp_path, raw_file,
-                                 qcow2_file, unique_name, case, message):
+def test_refusals_change_nothing(cli, catalog, default_store, staging_leftovers, raw_file, unique_name,
+                                 refused_args, case, message):
     taken = unique_name("taken")
     assert cli("create", "--name", taken, "--path", raw_file, "--wait").exit_code == 0
     name = taken if case == "duplicate" else unique_name()
-    args = ["create", "--name", name, "--path", raw_file]
-    if case == "mismatch":
-        args += ["--driver", "qcow2"]
-    elif case == "unknown":
-        vmdk = tmp_path / "disk.vmdk"
-        import subprocess
-
-        subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "16M"], check=True)
-        args[args.index(str(raw_file)) if str(raw_file) in args else -1] = str(vmdk)
-        args = ["create", "--name", name, "--path", vmdk]
-    elif case == "missing":
-        args = ["create", "--name", name, "--path", tmp_path / "no-such-file"]
-    elif case == "persistent_cdrom":
-        args += ["--type", "CDROM", "--persistent"]
-    elif case == "backing_file":
-        import subprocess
-
-        child = tmp_path / "child.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(qcow2_file), "-F", "qcow2",
-                        str(child)], check=True)
-        args = ["create", "--name", name, "--path", child, "--driver", "qcow2"]
-
     images_before = catalog.list()
+    history_before = catalog.history(catalog.list()[-1].id)
     objects_before = _object_count(default_store)
-    result = cli(*args)
+
+    result = cli("create", *refused_args[case](name))
 
     assert result.exit_code == 1
     assert message in result.stderr
     assert catalog.list() == images_before
+    assert catalog.history(images_before[-1].id) == history_before
     assert _object_count(default_store) == objects_before
     assert staging_leftovers(default_store) == []
 
@@ -121,24 +120,18 @@ def test_refusals_change_nothing(cli, catalog, default_store, staging_leftovers,
 def test_flow_refusal_of_staged_object_deletes_it(default_store, catalog, make_request, unique_name,
                                                   staging_leftovers, tmp_path):
     """An external tool staged a vmdk and asked for raw: refused, nothing registered, staging emptied."""
-    import subprocess
-
     vmdk = tmp_path / "x.vmdk"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "16M"], check=True)
+    qemu_img("create", "-q", "-f", "vmdk", str(vmdk), "16M")
     upload_id = unique_name("ext")
     with open(vmdk, "rb") as f:
         default_store.upload(f, default_store.staging_ref(upload_id))
     before = catalog.list()
-    state = upload(upload_make(make_request, unique_name(), upload_id=upload_id), return_state=True)
+    state = upload(make_request(unique_name(), upload_id=upload_id), return_state=True)
     assert state.is_failed()
     assert "vmdk" in state.message
     assert catalog.list() == before
     assert not default_store.exists(default_store.staging_ref(upload_id))
     assert staging_leftovers(default_store) == []
-
-
-def upload_make(make_request, name, **fields):
-    return make_request(name, **fields)
 
 
 def test_upload_from_worker_path_and_datastore_with_separate_staging_bucket(

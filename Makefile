@@ -1,0 +1,32 @@
+# hcx-images: `make demo` sets everything up and runs the main job on the embedded default;
+# `make test` runs the test suite (real SeaweedFS, real Prefect, real SQLite/PostgreSQL).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test bench up down clean
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh "$(PYTHON)"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/upload_memory.py
+
+up: $(STAMP)
+	$(BIN)/hcx-image up
+
+down: $(STAMP)
+	$(BIN)/hcx-image down
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache
