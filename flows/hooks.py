@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from catalog import rules
-from catalog.model import HcxError, Image, ImageState
+from catalog.model import HcxError, Image
 from catalog.store import open_catalog
 
 log = logging.getLogger("hcx.hooks")
@@ -39,7 +39,3 @@ def fail_image(image: Image | None, flow_run_id: str, reason: str) -> None:
         open_catalog().transition(image.id, rules.fail, reason, flow_run_id=flow_run_id, message=reason)
     except HcxError:
         log.exception("could not move image %s to ERROR", image.id)
-
-
-def image_state_is(image: Image | None, state: ImageState) -> bool:
-    return image is not None and image.state is state
