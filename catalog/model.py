@@ -105,6 +105,10 @@ class IntegrityError(StorageError):
     """Bytes are not what they were said to be (size, hash, ETag or format); never retried."""
 
 
+class ImageToolError(HcxError):
+    """An image tool (qemu-img) failed or is missing."""
+
+
 SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 

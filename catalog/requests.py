@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from catalog.model import Bus, DiskFormat, ImageType
+from catalog.model import Bus, DiskFormat, Image, ImageType, Operation, Refused, parse_size
 from catalog.permissions import Actor
 from catalog.settings import get_settings
 
@@ -15,6 +15,10 @@ class RequestedBy(BaseModel):
 
     def actor(self) -> Actor:
         return actor_for(self.owner, self.group)
+
+
+def actor_for(user: str, group: str) -> Actor:
+    return Actor(user=user, group=group, is_admin=get_settings().admin_group in (user, group))
 
 
 class UploadRequest(RequestedBy):
@@ -30,7 +34,76 @@ class UploadRequest(RequestedBy):
     path: str | None = Field(default=None, description="A file on the worker to stage first (server-side read)")
     upload_id: str | None = Field(default=None, description="Id of the staged object; default: the flow run id")
     expected_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
+    client_path: str | None = Field(
+        default=None, description="The local file the CLI staged; `retry` re-stages it if the staged object is gone",
+    )
+    skip_capacity_check: bool = Field(default=False, description="Administrators only: ignore the datastore's limit")
 
 
-def actor_for(user: str, group: str) -> Actor:
-    return Actor(user=user, group=group, is_admin=get_settings().admin_group in (user, group))
+class CreateRequestFields(RequestedBy):
+    """What every request that makes a new image shares."""
+
+    skip_capacity_check: bool = Field(default=False, description="Administrators only: ignore the datastore's limit")
+    object_id: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
+        description="Id of the new image's object (its key in the datastore); default: the flow run id",
+    )
+
+
+class CloneRequest(CreateRequestFields):
+    """Clone an image into a new one (type, format and sha256 inherited, the copy verified)."""
+
+    source_id: int = Field(ge=0, description="Image to clone (USE right needed)")
+    name: str = Field(min_length=1, max_length=255, description="Name of the new image")
+    datastore: str | None = Field(default=None, description="Datastore of the clone; default: the source's")
+    persistent: bool = False
+    description: str | None = Field(default=None, description="Default: the source's description")
+
+
+class CreateEmptyRequest(CreateRequestFields):
+    """An empty OS or DATABLOCK disk of a given size, made with qemu-img."""
+
+    name: str = Field(min_length=1, max_length=255)
+    type: ImageType = ImageType.DATABLOCK
+    size: int = Field(gt=0, description="Virtual size in bytes (a string like '10G' is accepted)")
+    datastore: str = "default"
+    persistent: bool = False
+    bus: Bus = Bus.VIRTIO
+    driver: DiskFormat = Field(default=DiskFormat.RAW, description="raw (full size in the datastore) or qcow2")
+    description: str = ""
+
+    @field_validator("size", mode="before")
+    @classmethod
+    def _size_with_unit(cls, value):
+        if isinstance(value, str):
+            try:
+                return parse_size(value)
+            except Refused as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class DeleteRequest(RequestedBy):
+    """Remove an image's objects from its datastore, then its row."""
+
+    image_id: int = Field(ge=0)
+    force: bool = Field(default=False, description="Delete a LOCKED image too (ADMIN right needed)")
+
+
+class RetryRequest(RequestedBy):
+    """Re-run the operation that left an image in ERROR, from where it failed."""
+
+    image_id: int = Field(ge=0)
+
+
+def rerun_request(image: Image, actor: Actor) -> tuple[Operation, RequestedBy]:
+    """What carries on the operation an image was retried into (`rules.retry`): the operation (its
+    flow has the same name) and the request it recorded, or for a delete a new one by `actor`."""
+    last = image.last_operation or {"op": Operation.DELETE.value}
+    op = Operation(last["op"])
+    if op is Operation.DELETE:
+        return op, DeleteRequest(owner=actor.user, group=actor.group, image_id=image.id)
+    if op is Operation.UPLOAD:
+        return op, UploadRequest.model_validate({**last["request"], "upload_id": last["upload_id"]})
+    model = {Operation.CLONE: CloneRequest, Operation.CREATE_EMPTY: CreateEmptyRequest}[op]
+    return op, model.model_validate(last["request"])

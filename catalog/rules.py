@@ -7,7 +7,7 @@ one compare-and-set, so a rule never needs to think about concurrency.
 
 from __future__ import annotations
 
-from catalog.model import Image, ImageState, ImageType, Refused, utcnow
+from catalog.model import Image, ImageState, ImageType, Operation, Refused, human_size, utcnow
 
 S = ImageState
 
@@ -51,6 +51,14 @@ def record(image: Image, **fields) -> dict:
     return {"state": image.state, **fields}
 
 
+def pending_run(image: Image) -> dict:
+    """A flow run takes up the operation the image waits on (a retry, a delete marked by the CLI):
+    the state stays, the caller's transition records the run."""
+    if image.state not in LOCKED_STATES and image.state is not S.DELETE:
+        raise _refuse_state(image, "carry on an operation on")
+    return {"state": image.state}
+
+
 def fail(image: Image, reason: str) -> dict:
     """A file operation failed: ERROR with the timestamped reason (waiting VMs fail too)."""
     if image.state not in LOCKED_STATES:
@@ -59,7 +67,10 @@ def fail(image: Image, reason: str) -> dict:
 
 
 def retry(image: Image) -> dict:
-    """Re-run the operation that left the image in ERROR (our addition to the model)."""
+    """Re-run the operation that left the image in ERROR (our addition to the model).
+    A failed delete goes back to DELETE; any other operation locks the image again, and a clone
+    target takes its source again (`cloning_id`; the caller acquires that source in the same
+    compare-and-set, see `clone_source_acquire`)."""
     if image.state is not S.ERROR:
         raise Refused(f"Image {image.id} is in state {image.state.value}: only an image in ERROR can be retried.")
     if not image.last_operation:
@@ -67,11 +78,26 @@ def retry(image: Image) -> dict:
             f"Image {image.id} records no failed operation to retry (its error came from a VM); "
             "use `enable` or `delete` instead."
         )
-    target = S.DELETE if image.last_operation["op"] == "delete" else S.LOCKED
-    return {"state": target}
+    op = Operation(image.last_operation["op"])
+    # No run carries the operation yet: the one that will stamps itself (`pending_run`), so the
+    # failed run's id does not stay on an image that waits on another.
+    if op is Operation.DELETE:
+        return {"state": S.DELETE, "error": None, "flow_run_id": None}
+    if image.running_vms:
+        locked = S.LOCKED_USED_PERS if image.persistent else S.LOCKED_USED
+    else:
+        locked = S.LOCKED
+    changes = {"state": locked, "error": None, "flow_run_id": None}
+    if op is Operation.CLONE:
+        changes["cloning_id"] = int(image.last_operation["request"]["source_id"])
+    return changes
 
 
 # --- clone -----------------------------------------------------------------------------------
+# A clone target holds one clone operation on its source exactly while its `cloning_id` (the
+# source's id) is set: set together with the source's CLONING_OPS+1, cleared together with the
+# -1, always in one compare-and-set over both rows. A source's own `cloning_id` records its most
+# recent clone while CLONING_OPS > 0.
 
 def clone_source_acquire(image: Image, clone_id: int) -> dict:
     if image.state not in (S.READY, S.USED, S.CLONE):
@@ -89,9 +115,63 @@ def clone_source_release(image: Image) -> dict:
     cloning_ops = max(image.cloning_ops - 1, 0)
     if image.state in (S.CLONE, S.USED):
         state = _released_state(image, image.running_vms, cloning_ops)
-    else:  # e.g. DISABLED meanwhile: counters only
+    else:  # e.g. ERROR meanwhile (a VM failed): counters only
         state = image.state
-    return {"state": state, "cloning_ops": cloning_ops}
+    changes = {"state": state, "cloning_ops": cloning_ops}
+    if cloning_ops == 0:
+        changes["cloning_id"] = None
+    return changes
+
+
+def held_clone_source(image: Image) -> int | None:
+    """The source image this clone target holds a clone operation on, if any."""
+    if image.cloning_id is not None and image.cloning_ops == 0:
+        return image.cloning_id
+    return None
+
+
+def clone_target(source: Image, *, persistent: bool, description: str | None) -> dict:
+    """What a new clone inherits: type, format, bus, sizes and the sha256 (verified by the copy)."""
+    validate_new_image(type_=source.type, persistent=persistent)
+    return {
+        "type_": source.type,
+        "format_": source.format,
+        "bus": source.bus,
+        "persistent": persistent,
+        "description": source.description if description is None else description,
+        "attributes": dict(source.attributes),
+        "size": source.size,
+        "virtual_size": source.virtual_size,
+        "sha256": source.sha256,
+        "cloning_id": source.id,
+    }
+
+
+def clone_resume(target: Image) -> None:
+    """A clone run re-started for a target it already registered: only while it still holds its source."""
+    if target.state not in LOCKED_STATES or held_clone_source(target) is None:
+        raise Refused(
+            f"Image {target.id} is in state {target.state.value}: its clone is not running; "
+            "`retry` it if it failed."
+        )
+
+
+def finish_clone(target: Image, source: Image | None, error: str | None) -> tuple[dict | None, dict | None]:
+    """End of a clone (success when `error` is None): the target is unlocked, or goes to ERROR
+    with "Error cloning from Image N: ..."; the source is released in both cases. A target that
+    left LOCKED meanwhile (force-deleted) only lets go of its source. Returns the changes of
+    (target, source); None where there is nothing to change (already finished)."""
+    source_id = held_clone_source(target)
+    if source_id is None:
+        return None, None
+    if target.state in LOCKED_STATES:
+        if error is None:
+            changes = {**unlock(target), "cloning_id": None}
+        else:
+            changes = {**fail(target, f"Error cloning from Image {source_id}: {error}"), "cloning_id": None}
+    else:
+        changes = {"state": target.state, "cloning_id": None}
+    return changes, (clone_source_release(source) if source is not None else None)
 
 
 # --- VMs -------------------------------------------------------------------------------------
@@ -120,7 +200,7 @@ def vm_release(image: Image, failed: bool = False) -> dict:
         raise Refused(f"Image {image.id} has no VM to release.")
     running = image.running_vms - 1
     if failed:
-        return {"state": S.ERROR, "running_vms": running,
+        return {"state": S.ERROR, "running_vms": running, "last_operation": None,
                 "error": error_message("A VM using the image failed; its data may be inconsistent")}
     if image.state in (S.LOCKED_USED, S.LOCKED_USED_PERS):
         return {"state": image.state if running else S.LOCKED, "running_vms": running}
@@ -133,10 +213,12 @@ def vm_release(image: Image, failed: bool = False) -> dict:
 
 def delete(image: Image, *, force: bool, is_admin: bool) -> dict:
     st = image.state
-    if st in IN_USE_STATES:
-        raise Refused(f"Cannot delete image {image.id}: there are {image.running_vms} VMs using it.")
+    # VMs first, then clones: a non-persistent image being cloned rests in USED with no VM, and
+    # its users need to hear about the clones (the reference says "0 VMs using it" there).
+    if image.running_vms or st in (S.USED_PERS, S.LOCKED_USED, S.LOCKED_USED_PERS):
+        raise Refused(f"Cannot delete image {image.id}: There are {image.running_vms} VMs using it.")
     if st is S.CLONE or image.cloning_ops:
-        raise Refused(f"Cannot delete image {image.id}: there are {image.cloning_ops} active clone operations.")
+        raise Refused(f"Cannot delete image {image.id}: There are {image.cloning_ops} active clone operations.")
     if st is S.LOCKED:
         if not force:
             raise Refused(
@@ -147,42 +229,57 @@ def delete(image: Image, *, force: bool, is_admin: bool) -> dict:
             raise Refused(f"Cannot delete image {image.id}: deleting a LOCKED image needs the ADMIN right.")
     if st not in (S.INIT, S.READY, S.DISABLED, S.ERROR, S.DELETE, S.LOCKED):
         raise _refuse_state(image, "delete")
-    # The name is free again at once: a DELETE row holds no name slot.
-    return {"state": S.DELETE, "name_slot": None}
+    # The name is free again at once: a DELETE row holds no name slot. The run that removes the
+    # objects stamps itself on the row (`pending_run`).
+    return {"state": S.DELETE, "name_slot": None, "flow_run_id": None}
 
 
 def delete_failed(image: Image, reason: str) -> dict:
+    """Removing the objects failed: ERROR, and `retry` runs the delete again. The name stays free."""
     if image.state is not S.DELETE:
         raise _refuse_state(image, "mark as failed to delete")
-    return {"state": S.ERROR, "error": error_message(f"Error removing image from datastore: {reason}")}
+    return {"state": S.ERROR, "error": error_message(f"Error removing image from datastore: {reason}"),
+            "last_operation": {"op": Operation.DELETE.value}}
 
 
 # --- attributes ------------------------------------------------------------------------------
+
+# Leaving ERROR other than by a retry ends the failed operation (nothing left to retry), and an
+# image whose delete failed takes its name back (refused if another image took it meanwhile).
+# A failed clone that still holds its source (its hooks never ran) must be retried or deleted.
+def _leave_error(image: Image) -> dict:
+    if image.state is not S.ERROR:
+        return {}
+    if held_clone_source(image) is not None:
+        raise Refused(f"Image {image.id} still holds image {image.cloning_id}, the source of its failed clone: "
+                      "`retry` or `delete` it.")
+    return {"error": None, "last_operation": None, "name_slot": image.name}
+
 
 def enable(image: Image) -> dict:
     if image.state is S.DISABLED:
         return {"state": S.READY}
     if image.state is S.ERROR:
-        return {"state": _released_state(image, image.running_vms, image.cloning_ops), "error": None}
+        return {"state": _released_state(image, image.running_vms, image.cloning_ops), **_leave_error(image)}
     raise Refused(f"Cannot enable image {image.id}: only DISABLED or ERROR images can be enabled (it is {image.state.value}).")
 
 
 def disable(image: Image) -> dict:
     if image.state not in (S.READY, S.ERROR):
         raise Refused(f"Cannot disable image {image.id}: only READY or ERROR images can be disabled (it is {image.state.value}).")
-    return {"state": S.DISABLED}
+    return {"state": S.DISABLED, **_leave_error(image)}
 
 
 _PERSISTENCY_STATES = (S.INIT, S.READY, S.DISABLED, S.LOCKED, S.ERROR, S.DELETE)
 
 
 def set_persistent(image: Image, persistent: bool) -> dict:
-    if image.type is ImageType.CDROM and persistent:
-        raise Refused(f"Cannot make image {image.id} persistent: CDROM images are always non-persistent.")
+    if image.type is ImageType.CDROM:
+        raise Refused(f"Cannot change persistency of image {image.id}: CDROM images are always non-persistent.")
     if image.state in IN_USE_STATES or image.running_vms:
-        raise Refused(f"Cannot change persistency of image {image.id}: there are {image.running_vms} VMs using it.")
+        raise Refused(f"Cannot change persistency of image {image.id}: There are {image.running_vms} VMs using it.")
     if image.state is S.CLONE or image.cloning_ops:
-        raise Refused(f"Cannot change persistency of image {image.id}: there are {image.cloning_ops} active clone operations.")
+        raise Refused(f"Cannot change persistency of image {image.id}: There are {image.cloning_ops} active clone operations.")
     if image.state not in _PERSISTENCY_STATES:
         raise _refuse_state(image, "change persistency of")
     if not persistent and image.snapshots:
@@ -200,6 +297,26 @@ def rename(image: Image, new_name: str) -> dict:
     if image.state is S.DELETE:
         raise _refuse_state(image, "rename")
     return {"state": image.state, "name": new_name, "name_slot": new_name}
+
+
+def update(image: Image, *, description: str | None = None, set_attributes: dict[str, str] | None = None,
+           unset: list[str] | tuple[str, ...] = ()) -> dict:
+    """Change the description and the free attributes (KEY=VALUE); the state stays."""
+    if image.state is S.DELETE:
+        raise _refuse_state(image, "update")
+    attributes = dict(image.attributes)
+    for key, value in (set_attributes or {}).items():
+        if not key or key.strip() != key or "=" in key:
+            raise Refused(f"Invalid attribute name {key!r}: use a non-empty name without spaces at its ends or '='.")
+        attributes[key] = value
+    for key in unset:
+        if key not in attributes:
+            raise Refused(f"Image {image.id} has no attribute {key!r} to unset.")
+        del attributes[key]
+    changes: dict = {"state": image.state, "attributes": attributes}
+    if description is not None:
+        changes["description"] = description
+    return changes
 
 
 _CHTYPE_STATES = (S.INIT, S.READY, S.DISABLED, S.ERROR)
@@ -225,3 +342,66 @@ def validate_new_image(*, type_: ImageType, persistent: bool) -> None:
 def validate_empty_image(*, type_: ImageType) -> None:
     if type_ is ImageType.CDROM:
         raise Refused("A CDROM image cannot be created empty: give --path with an ISO file.")
+
+
+# --- datastore capacity ----------------------------------------------------------------------
+
+def capacity_limit(limit: int | None, *, skip: bool, is_admin: bool) -> int | None:
+    """The capacity a new image must fit (None: unchecked); only an administrator may skip the check."""
+    if skip and not is_admin:
+        raise Refused("Only an administrator may skip the datastore capacity check: drop --skip-capacity-check.")
+    return None if skip else limit
+
+
+def check_capacity(*, datastore: str, limit: int | None, used: int, required: int) -> None:
+    """Refuse an image that does not fit the datastore's LIMIT (None: no limit)."""
+    if limit is not None and used + required > limit:
+        free = max(limit - used, 0)
+        raise Refused(
+            f"Datastore {datastore} has no room for this image: it needs {human_size(required)} "
+            f"({required} bytes) and {human_size(free)} ({free} bytes) of its {human_size(limit)} limit are free. "
+            "Delete images there, or choose another --datastore."
+        )
+
+
+# --- maintenance (the reconcile and scrub flows) ----------------------------------------------
+
+def awaits_operation(image: Image) -> bool:
+    """Whether the image waits on a file operation to move it on: LOCKED* or DELETE. (A clone
+    source in CLONE waits on its clone targets, which are LOCKED: settling them releases it.)"""
+    return image.state in LOCKED_STATES or image.state is S.DELETE
+
+
+def abandon(image: Image, reason: str) -> dict:
+    """The operation the image waits on ended (or its process died) without moving it: what its
+    failure would have done, ERROR with the reason. A clone target that still holds its source
+    is finished with `finish_clone` instead, which releases the source in the same transaction."""
+    if image.state in LOCKED_STATES:
+        return fail(image, reason)
+    if image.state is S.DELETE:
+        return delete_failed(image, reason)
+    raise _refuse_state(image, "abandon the operation of")
+
+
+# States in which the image's bytes must be in its datastore.
+_SETTLED_STATES = (S.READY, S.USED, S.USED_PERS, S.DISABLED, S.CLONE)
+
+
+def holds_bytes(image: Image) -> bool:
+    return image.state in _SETTLED_STATES and bool(image.source)
+
+
+def object_missing(image: Image, where: str) -> dict:
+    """The image's object is gone from its datastore."""
+    if image.state not in _SETTLED_STATES:
+        raise _refuse_state(image, "mark as missing its object")
+    return {"state": S.ERROR, "error": error_message(f"The image object {where} is missing from the datastore")}
+
+
+def checksum_mismatch(image: Image, found_sha256: str) -> dict:
+    """Scrub re-hashed a READY image and found other bytes than those recorded."""
+    if image.state is not S.READY:
+        raise _refuse_state(image, "mark as damaged")
+    return {"state": S.ERROR, "error": error_message(
+        f"Checksum mismatch: the stored bytes hash to {found_sha256}, the catalog records {image.sha256}; "
+        "the stored copy is damaged")}

@@ -46,6 +46,21 @@ class Settings(BaseSettings):
     remote: bool = Field(
         default=False, description="Send operations through the Prefect deployments (worker)."
     )
+    # The platform: work pool, worker and the maintenance schedules (seconds; 0 = no schedule).
+    work_pool: str = Field(default="hcx-process", description="Process work pool of the deployments.")
+    worker_poll_seconds: float = Field(default=2.0, gt=0, description="How often the worker asks for runs.")
+    reconcile_interval: int = Field(default=300, ge=0)
+    monitor_interval: int = Field(default=300, ge=0)
+    scrub_interval: int = Field(default=86400, ge=0)
+    heartbeat_seconds: int = Field(
+        default=30, ge=30, description="Flow-run heartbeat of the runs we start (Prefect's minimum is 30)."
+    )
+    stale_run_seconds: int = Field(
+        default=120, gt=0,
+        description="A RUNNING flow run with no heartbeat for this long has lost its process: reconcile "
+        "marks it CRASHED. Keep it above heartbeat_seconds (runners started elsewhere must use "
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY <= this / 2).",
+    )
     # Ports of the embedded stack; 0 means "pick a free port at `hcx-image up`".
     s3_port: int = 0
     prefect_port: int = 0

@@ -8,6 +8,7 @@ re-reads and the rule decides again (it may now refuse).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -68,6 +69,9 @@ images = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.UniqueConstraint("owner", "name_slot", name="uq_images_owner_name"),
+    # An id is never given again once its image is deleted (history, CLONING_ID and messages name
+    # images by id); PostgreSQL sequences never reuse ids, SQLite needs AUTOINCREMENT for that.
+    sqlite_autoincrement=True,
 )
 
 history = sa.Table(
@@ -156,6 +160,17 @@ class Catalog:
             rows = conn.execute(sa.select(history).where(history.c.image_id == image_id).order_by(history.c.id))
             return [dict(r._mapping) for r in rows]
 
+    def touched_by(self, flow_run_id: str) -> list[int]:
+        """Ids of the images a flow run moved (in the order it first moved them)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(history.c.image_id, sa.func.min(history.c.id).label("first"))
+                .where(history.c.flow_run_id == flow_run_id)
+                .group_by(history.c.image_id)
+                .order_by("first")
+            )
+            return [r.image_id for r in rows]
+
     def used_bytes(self, datastore: str) -> int:
         with self.engine.connect() as conn:
             total = conn.execute(
@@ -184,32 +199,21 @@ class Catalog:
         rules.validate_name(name)
         self.check_name_free(actor.user, name, upload_id=upload_id)
 
-    def register(
-        self,
-        *,
-        actor: Actor,
-        name: str,
-        type_: ImageType,
-        persistent: bool,
-        bus: Bus,
-        format_: DiskFormat,
-        datastore: str,
-        state: ImageState = ImageState.LOCKED,
-        flow_run_id: str | None = None,
-        upload_id: str | None = None,
-        message: str = "registered",
-        **fields,
-    ) -> Image:
-        """Insert a new image (LOCKED while its file operation runs). Idempotent per upload_id:
-        re-sending the same upload returns the image it already registered."""
-        if upload_id:
-            existing = self.find_by_upload_id(upload_id)
-            if existing is not None:
-                return existing
+    def check_capacity(self, actor: Actor, *, datastore: str, limit_bytes: int | None, required: int,
+                       skip: bool = False) -> None:
+        """Refuse an image that does not fit its datastore, before anything is written (register
+        and begin_clone check again inside their transaction)."""
+        limit = rules.capacity_limit(limit_bytes, skip=skip, is_admin=actor.is_admin)
+        rules.check_capacity(datastore=datastore, limit=limit, used=self.used_bytes(datastore), required=required)
+
+    @staticmethod
+    def _new_row(*, actor: Actor, name: str, type_: ImageType, persistent: bool, bus: Bus, format_: DiskFormat,
+                 datastore: str, state: ImageState, flow_run_id: str | None, upload_id: str | None,
+                 **fields) -> dict:
         rules.validate_new_image(type_=type_, persistent=persistent)
         rules.validate_name(name)
         now = utcnow()
-        values = {
+        return {
             "name": name,
             "name_slot": name,
             "owner": actor.user,
@@ -233,19 +237,168 @@ class Catalog:
             "updated_at": now,
             **fields,
         }
+
+    @staticmethod
+    def _insert(conn: sa.Connection, values: dict, *, message: str) -> int:
+        image_id = conn.execute(images.insert().values(**values)).inserted_primary_key[0]
+        conn.execute(history.insert().values(
+            image_id=image_id, from_state=None, to_state=values["state"],
+            flow_run_id=values["flow_run_id"], at=values["created_at"], message=message,
+        ))
+        return image_id
+
+    @staticmethod
+    def _still_fits(conn: sa.Connection, datastore: str, limit_bytes: int | None, required: int) -> None:
+        """The capacity rule again, inside the transaction that just inserted the new row."""
+        if limit_bytes is None:
+            return
+        used = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(images.c.size), 0)).where(images.c.datastore == datastore)
+        ).scalar_one()
+        rules.check_capacity(datastore=datastore, limit=limit_bytes, used=int(used) - required, required=required)
+
+    def register(
+        self,
+        *,
+        actor: Actor,
+        name: str,
+        type_: ImageType,
+        persistent: bool,
+        bus: Bus,
+        format_: DiskFormat,
+        datastore: str,
+        state: ImageState = ImageState.LOCKED,
+        flow_run_id: str | None = None,
+        upload_id: str | None = None,
+        message: str = "registered",
+        limit_bytes: int | None = None,
+        **fields,
+    ) -> Image:
+        """Insert a new image (LOCKED while its file operation runs). Idempotent per upload_id:
+        re-sending the same upload returns the image it already registered. With `limit_bytes`,
+        an image whose `size` does not fit the datastore is refused and nothing is written."""
+        if upload_id:
+            existing = self.find_by_upload_id(upload_id)
+            if existing is not None:
+                return existing
+        values = self._new_row(actor=actor, name=name, type_=type_, persistent=persistent, bus=bus,
+                               format_=format_, datastore=datastore, state=state, flow_run_id=flow_run_id,
+                               upload_id=upload_id, **fields)
         try:
             with self.engine.begin() as conn:
-                image_id = conn.execute(images.insert().values(**values)).inserted_primary_key[0]
-                conn.execute(history.insert().values(
-                    image_id=image_id, from_state=None, to_state=state.value,
-                    flow_run_id=flow_run_id, at=now, message=message,
-                ))
+                image_id = self._insert(conn, values, message=message)
+                self._still_fits(conn, datastore, limit_bytes, values.get("size") or 0)
         except SqlIntegrityError:
             if upload_id and (existing := self.find_by_upload_id(upload_id)):
                 return existing
             self.check_name_free(actor.user, name)
             raise
         return self.get(image_id)
+
+    def begin_clone(self, *, actor: Actor, source_id: int, name: str, datastore: str | None, persistent: bool,
+                    description: str | None, object_id: str, flow_run_id: str | None = None,
+                    limit_bytes: int | None = None, last_operation: dict | None = None) -> Image:
+        """Register the clone target LOCKED (its `cloning_id` the source) and take the source
+        (CLONING_OPS+1, its `cloning_id` the target) in one transaction: both happen or neither.
+        Idempotent per object_id: a re-run finds the target it registered."""
+        existing = self.find_by_upload_id(object_id)
+        if existing is not None:
+            rules.clone_resume(existing)
+            return existing
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            source = self.get(source_id)
+            require(actor, source, Right.USE)
+            inherited = rules.clone_target(source, persistent=persistent, description=description)
+            values = self._new_row(actor=actor, name=name, datastore=datastore or source.datastore,
+                                   state=ImageState.LOCKED, flow_run_id=flow_run_id, upload_id=object_id,
+                                   last_operation=last_operation, **inherited)
+            try:
+                with self.engine.begin() as conn:
+                    target_id = self._insert(conn, values, message=f"cloning from image {source.id}")
+                    self._still_fits(conn, values["datastore"], limit_bytes, values.get("size") or 0)
+                    self._cas(conn, source, rules.clone_source_acquire(source, target_id),
+                              flow_run_id=flow_run_id, message=f"clone to image {target_id} started")
+            except _Stale:
+                continue
+            except SqlIntegrityError:
+                if (found := self.find_by_upload_id(object_id)) is not None:
+                    rules.clone_resume(found)
+                    return found
+                self.check_name_free(actor.user, name)
+                raise
+            return self.get(target_id)
+        raise ConcurrentChange(f"Image {source_id} kept changing under this clone request; try again.")
+
+    def finish_clone(self, target_id: int, *, error: str | None, flow_run_id: str | None = None) -> Image | None:
+        """End a clone (`error` None: success) with `rules.finish_clone`: the target unlocked or in
+        ERROR and its source released, in one transaction. Idempotent: a finished clone is left alone."""
+
+        def plan(read: Callable[[int], Image | None]) -> list[Move]:
+            target = read(target_id)
+            if target is None:
+                return []
+            source_id = rules.held_clone_source(target)
+            source = read(source_id) if source_id is not None else None
+            target_changes, source_changes = rules.finish_clone(target, source, error)
+            outcome = "clone succeeded" if error is None else f"clone failed: {error}"
+            moves = [Move(target, target_changes, outcome)] if target_changes else []
+            if source is not None and source_changes:
+                moves.append(Move(source, source_changes, f"clone to image {target_id} ended"))
+            return moves
+
+        self.transition_all(plan, flow_run_id=flow_run_id)
+        return self.find(target_id)
+
+    def find(self, image_id: int) -> Image | None:
+        try:
+            return self.get(image_id)
+        except NotFound:
+            return None
+
+    def _cas(self, conn: sa.Connection, image: Image, changes: dict, *, flow_run_id: str | None,
+             message: str) -> None:
+        """One compare-and-set on the row's version, with its history row; raises _Stale if the
+        row moved since `image` was read (the caller's transaction then rolls back)."""
+        new_state: ImageState = changes["state"]
+        values = {k: _to_column(v) for k, v in changes.items()}
+        if new_state is not image.state:
+            values["prev_state"] = image.state.value
+        now = utcnow()
+        values.update(version=image.version + 1, updated_at=now)
+        if flow_run_id:
+            values["flow_run_id"] = flow_run_id
+        updated = conn.execute(
+            images.update().where(images.c.id == image.id, images.c.version == image.version).values(**values)
+        ).rowcount
+        if updated != 1:
+            raise _Stale()
+        conn.execute(history.insert().values(
+            image_id=image.id, from_state=image.state.value, to_state=new_state.value,
+            flow_run_id=flow_run_id, at=now, message=message,
+        ))
+
+    def transition_all(self, plan: Callable[[Callable[[int], Image | None]], list["Move"]], *,
+                       flow_run_id: str | None = None) -> list[Image]:
+        """Apply several rules atomically: `plan(read)` reads the rows it needs through `read` (None
+        for a missing row) and returns a Move per row to change (a rule may refuse: nothing is
+        written). All compare-and-sets commit together, or the plan runs again on fresh rows."""
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            moves = plan(self.find)
+            try:
+                with self.engine.begin() as conn:
+                    for move in moves:
+                        self._cas(conn, move.image, move.changes, flow_run_id=flow_run_id, message=move.message)
+            except _Stale:
+                continue
+            except SqlIntegrityError:
+                named = next((m for m in moves if m.changes.get("name_slot")), None)
+                holder = self.name_owner(named.image.owner, named.changes["name_slot"]) if named else None
+                raise Refused(
+                    f"NAME is already taken by IMAGE {holder.id if holder else '?'}: choose another name."
+                ) from None
+            return [self.get(move.image.id) for move in moves]
+        ids = ", ".join(str(m.image.id) for m in moves)
+        raise ConcurrentChange(f"Image {ids} kept changing under this request; try again.")
 
     def transition(
         self,
@@ -259,52 +412,56 @@ class Catalog:
     ) -> Image:
         """Apply `rule(image, *args, **kwargs)` atomically; `expect` may refuse first (e.g. a
         permission check) and is re-run on every attempt against the fresh row."""
-        for _ in range(_MAX_CAS_ATTEMPTS):
+
+        def plan(_read) -> list[Move]:
             image = self.get(image_id)
             if expect is not None:
                 expect(image)
-            changes = rule(image, *args, **kwargs)
-            new_state: ImageState = changes["state"]
-            values = {k: _to_column(v) for k, v in changes.items()}
-            if new_state is not image.state:
-                values["prev_state"] = image.state.value
-            now = utcnow()
-            values.update(version=image.version + 1, updated_at=now)
-            if flow_run_id:
-                values["flow_run_id"] = flow_run_id
-            try:
-                with self.engine.begin() as conn:
-                    updated = conn.execute(
-                        images.update()
-                        .where(images.c.id == image_id, images.c.version == image.version)
-                        .values(**values)
-                    ).rowcount
-                    if updated == 1:
-                        conn.execute(history.insert().values(
-                            image_id=image_id, from_state=image.state.value, to_state=new_state.value,
-                            flow_run_id=flow_run_id, at=now,
-                            message=message or rule.__name__.replace("_", " "),
-                        ))
-            except SqlIntegrityError:
-                holder = self.name_owner(image.owner, changes.get("name", image.name))
-                raise Refused(
-                    f"NAME is already taken by IMAGE {holder.id if holder else '?'}: choose another name."
-                ) from None
-            if updated == 1:
-                return self.get(image_id)
-        raise ConcurrentChange(f"Image {image_id} kept changing under this request; try again.")
+            return [Move(image, rule(image, *args, **kwargs), message or rule.__name__.replace("_", " "))]
+
+        return self.transition_all(plan, flow_run_id=flow_run_id)[0]
 
     def remove(self, image_id: int, *, flow_run_id: str | None = None) -> None:
-        """Drop the row of an image whose objects are gone (only from DELETE)."""
-        with self.engine.begin() as conn:
-            gone = conn.execute(
-                images.delete().where(images.c.id == image_id, images.c.state == ImageState.DELETE.value)
-            ).rowcount
-            if gone:
-                conn.execute(history.insert().values(
-                    image_id=image_id, from_state=ImageState.DELETE.value, to_state="GONE",
-                    flow_run_id=flow_run_id, at=utcnow(), message="objects removed, row deleted",
-                ))
+        """Drop the row of an image whose objects are gone (only from DELETE). A clone target
+        force-deleted while it held its source lets go of it in the same transaction."""
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            image = self.find(image_id)
+            if image is None or image.state is not ImageState.DELETE:
+                return
+            source_id = rules.held_clone_source(image)
+            source = self.find(source_id) if source_id is not None else None
+            try:
+                with self.engine.begin() as conn:
+                    gone = conn.execute(images.delete().where(
+                        images.c.id == image_id, images.c.state == ImageState.DELETE.value,
+                        images.c.version == image.version,
+                    )).rowcount
+                    if gone != 1:
+                        raise _Stale()
+                    conn.execute(history.insert().values(
+                        image_id=image_id, from_state=ImageState.DELETE.value, to_state="GONE",
+                        flow_run_id=flow_run_id, at=utcnow(), message="objects removed, row deleted",
+                    ))
+                    if source is not None:
+                        self._cas(conn, source, rules.clone_source_release(source), flow_run_id=flow_run_id,
+                                  message=f"clone to image {image_id} ended: the clone was deleted")
+            except _Stale:
+                continue
+            return
+        raise ConcurrentChange(f"Image {image_id} kept changing while its row was removed; try again.")
+
+
+class _Stale(Exception):
+    """A compare-and-set lost the race: re-read and decide again."""
+
+
+@dataclass(frozen=True)
+class Move:
+    """One row's part of a transition: the image as read, the changes a rule computed, the history message."""
+
+    image: Image
+    changes: dict
+    message: str
 
 
 @lru_cache

@@ -23,7 +23,8 @@ from catalog.permissions import Actor
 from catalog.settings import get_settings
 from catalog.store import Catalog, open_catalog
 
-console = Console()
+# Piped output (scripts, tests) gets full-width lines rather than names cut to 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True)
 
 
@@ -75,6 +76,19 @@ def image_table(images: list[Image]) -> Table:
             image.type.value, "Yes" if image.persistent else "No", image.state.short, str(image.running_vms),
         )
     return table
+
+
+def report_new_image(find: Callable[[], Image | None], flow_run_id: str, wait: bool) -> None:
+    """Print the id of the image a flow registers as soon as it is recorded; with `wait`, follow
+    it until it settles (exit 0 on READY, 1 on ERROR)."""
+    image = wait_for_image(find, flow_run_id, until_settled=False)
+    console.print(f"ID: {image.id}")
+    if not wait:
+        return
+    image = wait_for_image(find, flow_run_id, until_settled=True)
+    if image.state is ImageState.ERROR:
+        raise HcxError(f"image {image.id} is in ERROR: {image.error}")
+    console.print(f"image {image.id} is {image.state.value}")
 
 
 TERMINAL_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -10,17 +10,17 @@ from typing import Optional
 import typer
 
 from blocks.datastore import ObjectRef, load_datastore
-from catalog.model import Bus, DiskFormat, HcxError, ImageState, ImageType, Refused
+from catalog.model import Bus, DiskFormat, ImageState, ImageType, Refused
 from catalog.permissions import Right
 from catalog.requests import UploadRequest
 from catalog.settings import get_settings
-from cli import datastores
+from cli import datastores, platform
 from cli.common import (
-    acting_user, catalog, console, image_table, print_json, refusals_exit_1, transfer_bar, wait_for_image,
+    acting_user, catalog, console, image_table, print_json, refusals_exit_1, report_new_image, transfer_bar,
 )
 from cli.runtime import running_platform
 from cli.stack import Stack
-from flows.launcher import submit
+from flows.launcher import remote_mode, submit
 from tasks import transfer
 from tasks.inspection import precheck_file
 
@@ -35,11 +35,9 @@ app.add_typer(datastores.app, name="datastore")
 @app.command()
 @refusals_exit_1
 def up() -> None:
-    """Start the embedded services (S3 server, Prefect server) in the background; idempotent."""
-    with running_platform() as state:
-        console.print(f"S3 endpoint:     {state.s3_endpoint}")
-        console.print(f"Prefect API:     {datastores.prefect_api_url()}")
-        console.print(f"Home:            {get_settings().home}")
+    """Start the platform in the background (S3 server, Prefect server and UI, a worker on the
+    process pool) and apply the deployments; idempotent."""
+    platform.print_status(platform.bring_up())
 
 
 @app.command()
@@ -60,17 +58,33 @@ def create(
     persistent: bool = typer.Option(False, "--persistent"),
     bus: Bus = typer.Option(Bus.VIRTIO, "--bus", case_sensitive=False),
     driver: Optional[DiskFormat] = typer.Option(None, "--driver", case_sensitive=False,
-                                                help="raw or qcow2; must match the file (default: detected)"),
+                                                help="raw or qcow2; must match the file (default: detected); "
+                                                     "an empty image's format (default: raw)"),
     description: str = typer.Option("", "--description"),
+    size: Optional[str] = typer.Option(None, "--size", help="Instead of --path: an empty OS or DATABLOCK "
+                                       "image of this virtual size, e.g. 10G (qemu-img create)"),
+    skip_capacity_check: bool = typer.Option(False, "--skip-capacity-check",
+                                             help="Ignore the datastore's capacity limit (administrators only)"),
     wait: bool = typer.Option(False, "--wait", help="Follow the flow; exit 0 on READY, 1 on ERROR"),
+    remote: bool = typer.Option(False, "--remote", help="Run the flow on the upload deployment (a worker); "
+                                "prints the flow-run id at once (also: HCX_REMOTE=1)"),
 ) -> None:
-    """Register an image from a local file: staged with a progress bar, then copied by a flow."""
+    """Register an image from a local file (staged with a progress bar, then copied by a flow), or
+    with --size an empty OS or DATABLOCK image."""
     settings = get_settings()
+    remote = remote or remote_mode()
     datastore = datastore or settings.default_datastore
-    if path is None:
-        raise Refused("Give --path FILE (an empty image by --size arrives with the lifecycle commands).")
+    if (path is None) == (size is None):
+        raise typer.BadParameter("give --path FILE to upload a file, or --size SIZE for an empty image (not both)")
+    if size is not None:
+        from cli.lifecycle import create_empty_image
+
+        create_empty_image(name=name, type_=type_, datastore=datastore, size=size, persistent=persistent, bus=bus,
+                           driver=driver, description=description, skip_capacity_check=skip_capacity_check,
+                           wait=wait, remote=remote)
+        return
     actor = acting_user()
-    with running_platform():
+    with running_platform(worker=remote):
         store = load_datastore(datastore)
         catalog().check_new_image(actor, name=name, type_=type_, persistent=persistent)
         if not path.is_file():
@@ -78,6 +92,8 @@ def create(
         driver = precheck_file(path, driver)
         upload_id = uuid.uuid4().hex
         size = path.stat().st_size
+        catalog().check_capacity(actor, datastore=datastore, limit_bytes=store.limit_bytes, required=size,
+                                 skip=skip_capacity_check)
         submitted = False
         try:
             with open(path, "rb") as source, transfer_bar(f"staging {path.name}", size) as advance:
@@ -86,25 +102,18 @@ def create(
             request = UploadRequest(
                 owner=actor.user, group=actor.group, name=name, type=type_, datastore=datastore,
                 persistent=persistent, bus=bus, driver=driver, description=description,
-                upload_id=upload_id, expected_sha256=reader.sha256,
+                upload_id=upload_id, expected_sha256=reader.sha256, client_path=str(path.resolve()),
+                skip_capacity_check=skip_capacity_check,
             )
-            flow_run_id = submit("upload", {"request": request.model_dump(mode="json")})
+            flow_run_id = submit("upload", {"request": request.model_dump(mode="json")}, remote=remote)
             submitted = True
         finally:
             if not submitted:  # nothing may stay behind a refused or interrupted upload
                 store.delete(store.staging_ref(upload_id))
-        _report_new_image(lambda: catalog().find_by_upload_id(upload_id), flow_run_id, wait)
-
-
-def _report_new_image(find, flow_run_id: str, wait: bool) -> None:
-    image = wait_for_image(find, flow_run_id, until_settled=False)
-    console.print(f"ID: {image.id}")
-    if not wait:
-        return
-    image = wait_for_image(find, flow_run_id, until_settled=True)
-    if image.state is ImageState.ERROR:
-        raise HcxError(f"image {image.id} is in ERROR: {image.error}")
-    console.print(f"image {image.id} is {image.state.value}")
+        console.print(f"FLOW RUN: {flow_run_id}")
+        if remote and not wait:  # a worker registers the image when it starts the run
+            return
+        report_new_image(lambda: catalog().find_by_upload_id(upload_id), flow_run_id, wait)
 
 
 @app.command("list")
@@ -147,6 +156,10 @@ def export(image_id: int, file: Path) -> None:
         with transfer_bar(f"exporting {image.name}", image.size or 0) as advance:
             digest = transfer.export_object(store, ref, file, sha256=image.sha256, progress=advance)
     console.print(f"exported {image.size} bytes to {file} (sha256 {digest} verified)")
+
+
+platform.register(app)  # --remote/--local, status, reconcile, monitor, scrub, platform yaml
+from cli import lifecycle  # noqa: E402,F401  clone, delete, enable, ..., retry register on `app`
 
 
 def main() -> None:  # pragma: no cover - console script entry

@@ -41,10 +41,30 @@ def ensure_embedded_datastores(state: StackState) -> None:
         store.ensure_buckets()
 
 
+def ensure_worker_platform(stack: Stack, state: StackState, api_url: str, *, redeploy: bool) -> None:
+    """The work pool and deployments on this API, and a worker polling the pool."""
+    from flows.platform import apply_deployments, deployments_signature, missing_deployments
+
+    applied = f"{api_url} {deployments_signature(stack.settings)}"
+    if redeploy or state.deployments_applied != applied or missing_deployments(api_url):
+        apply_deployments(stack.settings)
+        state.deployments_applied = applied
+        stack.save(state)
+    stack.ensure_worker(state, api_url)
+
+
 @contextmanager
-def running_platform(settings: Settings | None = None, *, start: bool = True) -> Iterator[StackState]:
-    """Start what is missing (idempotent) and point this process's Prefect client at it."""
+def running_platform(settings: Settings | None = None, *, start: bool = True, worker: bool | None = None,
+                     redeploy: bool = False) -> Iterator[StackState]:
+    """Start what is missing (idempotent) and point this process's Prefect client at it; with
+    `worker` (default: when operations go through the deployments, --remote / HCX_REMOTE), also
+    the work pool, the deployments (applied again when they changed or one is missing, or always
+    with `redeploy`) and a worker."""
     settings = settings or get_settings()
+    if worker is None:
+        from flows.launcher import remote_mode
+
+        worker = remote_mode()
     stack = Stack(settings)
     state = stack.load()
     s3_pid = state.s3.pid
@@ -63,6 +83,8 @@ def running_platform(settings: Settings | None = None, *, start: bool = True) ->
             ensure_embedded_datastores(state)
             state.datastores_registered_at = api_url
             stack.save(state)
+        if start and worker:
+            ensure_worker_platform(stack, state, api_url, redeploy=redeploy)
         try:
             yield state
         finally:

@@ -86,6 +86,7 @@ class StackState:
     prefect: Service = field(default_factory=Service)
     worker: Service = field(default_factory=Service)
     datastores_registered_at: str | None = None  # the Prefect API holding the embedded datastore blocks
+    deployments_applied: str | None = None  # "<api url> <signature of the deployment specs>" last applied
 
     @property
     def s3_endpoint(self) -> str:
@@ -112,6 +113,7 @@ class Stack:
         return StackState(
             s3_access_key=raw["s3_access_key"], s3_secret_key=raw["s3_secret_key"],
             datastores_registered_at=raw.get("datastores_registered_at"),
+            deployments_applied=raw.get("deployments_applied"),
             **{name: Service(**raw.get(name, {})) for name in ("s3", "prefect", "worker")},
         )
 
@@ -130,6 +132,10 @@ class Stack:
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env={**os.environ, **env}, start_new_session=True, cwd=self.home)
         return proc.pid
+
+    @staticmethod
+    def running(service: Service) -> bool:
+        return _alive(service.pid)
 
     # --- SeaweedFS ---------------------------------------------------------------------------
 
@@ -197,6 +203,46 @@ class Stack:
         _wait_until(lambda: self.prefect_ready(state), "The Prefect server", timeout, self.logs / "prefect-server.log")
         return state
 
+    # --- worker ------------------------------------------------------------------------------
+
+    def worker_env(self, api_url: str) -> dict[str, str]:
+        """What the worker and every flow-run process it starts must see: the same catalog, home
+        and Prefect API as the CLI, and heartbeats often enough for reconcile to judge them."""
+        settings = self.settings
+        return {
+            "PREFECT_API_URL": api_url,
+            "PREFECT_WORKER_QUERY_SECONDS": f"{settings.worker_poll_seconds:g}",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "HCX_HOME": str(self.home),
+            "HCX_DATABASE_URL": settings.catalog_url,
+        }
+
+    def worker_online(self, api_url: str, name: str | None = None) -> bool:
+        """Whether a worker of our pool (the one called `name`, if given) sends heartbeats to the API."""
+        try:
+            reply = httpx.post(f"{api_url}/work_pools/{self.settings.work_pool}/workers/filter", json={}, timeout=2)
+        except httpx.HTTPError:
+            return False
+        return reply.status_code == 200 and any(
+            w.get("status") == "ONLINE" and name in (None, w.get("name")) for w in reply.json())
+
+    def ensure_worker(self, state: StackState, api_url: str, timeout: float = 90) -> StackState:
+        """A `prefect worker` on the process pool, started under $HCX_HOME; idempotent."""
+        if _alive(state.worker.pid):
+            return state
+        name = f"hcx-worker-{secrets.token_hex(4)}"
+        argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.settings.work_pool,
+                "--type", "process", "--name", name]
+        env = self.worker_env(api_url)
+        if state.prefect.ports:  # the embedded server's home and UI settings too
+            env = {**self.prefect_env(state), **env}
+        state.worker.pid = self._spawn("worker", argv, env)
+        self.save(state)
+        _wait_until(lambda: _alive(state.worker.pid) and self.worker_online(api_url, name), "The Prefect worker",
+                    timeout, self.logs / "worker.log")
+        return state
+
     # --- all ---------------------------------------------------------------------------------
 
     def down(self) -> list[str]:
@@ -213,7 +259,28 @@ class Stack:
         return stopped
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (flow-run processes a worker started in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _terminate(pid: int, grace: float = 10) -> None:
+    """Stop a service's process group and whatever it started elsewhere."""
+    below = descendants(pid)
     try:
         os.killpg(pid, signal.SIGTERM)
     except OSError:
@@ -221,8 +288,12 @@ def _terminate(pid: int, grace: float = 10) -> None:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)
-    if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except OSError:
-            pass
+    for target in (pid, *below):
+        if _alive(target):
+            try:
+                if target == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(target, signal.SIGKILL)
+            except OSError:
+                pass

@@ -15,14 +15,20 @@ from catalog.store import open_catalog
 log = logging.getLogger("hcx.hooks")
 
 
-def failure_reason(state) -> str:
-    """The error a failed/crashed/cancelled run ended with, as a user should read it."""
+def failure_exception(state) -> BaseException | None:
+    """The exception a failed run ended with, when it can still be read."""
     try:
         result = state.result(raise_on_failure=False)
     except Exception:  # the result itself may be unreadable after a crash
-        result = None
-    if isinstance(result, BaseException):
-        return str(result) or type(result).__name__
+        return None
+    return result if isinstance(result, BaseException) else None
+
+
+def failure_reason(state) -> str:
+    """The error a failed/crashed/cancelled run ended with, as a user should read it."""
+    exc = failure_exception(state)
+    if exc is not None:
+        return str(exc) or type(exc).__name__
     return state.message or state.name
 
 

@@ -11,36 +11,96 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 from uuid import UUID
 
 from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
+from catalog.model import HcxError
 from catalog.settings import get_settings
 
 
 def registry() -> dict[str, Flow]:
     """Every operation's flow by name (imported here so a launcher process loads only this)."""
+    from flows.clone import clone
+    from flows.create_empty import create_empty
+    from flows.delete import delete
+    from flows.retry import retry
     from flows.upload import upload
 
-    return {"upload": upload}
+    return {"upload": upload, "clone": clone, "create-empty": create_empty, "delete": delete, "retry": retry}
+
+
+def maintenance() -> dict[str, Flow]:
+    """The scheduled flows that keep the catalog and the datastores in step."""
+    from flows.monitor import monitor
+    from flows.reconcile import reconcile
+    from flows.scrub import scrub
+
+    return {"reconcile": reconcile, "monitor": monitor, "scrub": scrub}
+
+
+@cache
+def deployable() -> dict[str, Flow]:
+    """Every flow that gets a deployment, by deployment name, with the shared reporting hooks
+    (events, artifacts). Runs are created from these, locally and by the worker alike."""
+    from flows.reporting import with_reporting
+
+    return {name: with_reporting(flow) for name, flow in {**registry(), **maintenance()}.items()}
+
+
+def entrypoint(name: str) -> str:
+    """The deployment entrypoint of `name`: a module path resolved by this module's __getattr__."""
+    return f"{__name__}.{name.replace('-', '_')}"
+
+
+def __getattr__(attribute: str) -> Flow:
+    """`flows.launcher.upload` is the upload flow with its reporting hooks (deployment entrypoints)."""
+    for name, flow in deployable().items():
+        if name.replace("-", "_") == attribute:
+            return flow
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+
+
+_remote_choice: bool | None = None  # the CLI's --remote/--local, for this invocation
+
+
+def use_remote(remote: bool | None) -> None:
+    """Send the next operations through the deployments (True), run them here (False), or follow
+    HCX_REMOTE (None)."""
+    global _remote_choice
+    _remote_choice = remote
+
+
+def remote_mode() -> bool:
+    return get_settings().remote if _remote_choice is None else _remote_choice
 
 
 def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> str:
     """Create a flow run of `flow_name` and make sure something executes it; returns its id."""
-    remote = get_settings().remote if remote is None else remote
+    remote = remote_mode() if remote is None else remote
+    flow = deployable()[flow_name]
     if remote:
-        run = run_deployment(f"{flow_name}/{flow_name}", parameters=parameters, timeout=0)
+        try:
+            run = run_deployment(f"{flow.name}/{flow_name}", parameters=parameters, timeout=0)
+        except ObjectNotFound:
+            raise HcxError(
+                f"Deployment {flow.name}/{flow_name} does not exist on {PREFECT_API_URL.value()}: "
+                "`hcx-image up` (or `prefect deploy --all` from the repository) creates the deployments."
+            ) from None
         return str(run.id)
     with get_client(sync_client=True) as client:
-        run = client.create_flow_run(registry()[flow_name], parameters=parameters)
+        run = client.create_flow_run(flow, parameters=parameters)
     settings = get_settings()
     logs = settings.home.expanduser() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value() or ""}
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value() or "",
+           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds)}
     with open(logs / "flow-runs.log", "ab") as log:
         subprocess.Popen(
             [sys.executable, "-m", "flows.launcher", flow_name, str(run.id)],
@@ -57,7 +117,7 @@ def execute(flow_name: str, flow_run_id: str) -> None:
 
     with handle_engine_signals(UUID(flow_run_id)):
         flow_run = load_flow_run(flow_run_id=UUID(flow_run_id))
-        run_flow(registry()[flow_name], flow_run=flow_run)
+        run_flow(deployable()[flow_name], flow_run=flow_run)
 
 
 if __name__ == "__main__":

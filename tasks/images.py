@@ -6,16 +6,28 @@ from prefect import task
 from prefect.runtime import flow_run
 
 from blocks.datastore import ObjectRef, load_datastore
-from catalog import rules
-from catalog.model import Image, ImageState, Operation
-from catalog.requests import UploadRequest
+from catalog import operations, rules
+from catalog.model import Image, ImageState, IntegrityError, Operation
+from catalog.permissions import Right
+from catalog.requests import CloneRequest, CreateEmptyRequest, DeleteRequest, UploadRequest
 from catalog.store import open_catalog
+from tasks import qemu
 from tasks.retry import IO_TASK
 from tasks.transfer import InspectedObject
 
 
 def current_flow_run_id() -> str | None:
     return flow_run.get_id()
+
+
+def carried_on(image: Image) -> Image:
+    """This run takes up the operation an existing image waits on (a retry, a delete the CLI
+    marked): record the run on the image, so the image is never judged by another run's fate."""
+    run_id = current_flow_run_id()
+    if image.flow_run_id == run_id or image.state not in (*rules.LOCKED_STATES, ImageState.DELETE):
+        return image  # already ours, or settled (a re-sent upload that had finished)
+    return open_catalog().transition(image.id, rules.pending_run, flow_run_id=run_id,
+                                     message="operation carried on by this flow run")
 
 
 @task(**IO_TASK)
@@ -28,10 +40,22 @@ def check_upload_request(request: UploadRequest, upload_id: str) -> None:
 
 @task(**IO_TASK)
 def register_upload(request: UploadRequest, upload_id: str, inspected: InspectedObject) -> Image:
-    """Step 2: the image row, LOCKED, its source the staged object (idempotent per upload_id)."""
+    """Step 2: the image row, LOCKED, its source the staged object (idempotent per upload_id; a
+    retried upload must find the very bytes it registered). Refused if it does not fit the datastore."""
     found = inspected.inspection
+    actor = request.actor()
+    limit = rules.capacity_limit(load_datastore(request.datastore).limit_bytes,
+                                 skip=request.skip_capacity_check, is_admin=actor.is_admin)
+    existing = open_catalog().find_by_upload_id(upload_id)
+    if existing is not None:
+        if existing.sha256 != found.sha256 or existing.size != found.size:
+            raise IntegrityError(
+                f"The staged bytes ({found.size} bytes, sha256 {found.sha256}) are not those image "
+                f"{existing.id} registered ({existing.size} bytes, sha256 {existing.sha256}): upload it again."
+            )
+        return carried_on(existing)
     return open_catalog().register(
-        actor=request.actor(),
+        actor=actor,
         name=request.name,
         type_=request.type,
         persistent=request.persistent,
@@ -50,11 +74,102 @@ def register_upload(request: UploadRequest, upload_id: str, inspected: Inspected
         last_operation={"op": Operation.UPLOAD.value, "request": request.model_dump(mode="json"),
                         "upload_id": upload_id},
         message=f"registered from {inspected.ref} ({found.detected}, {found.size} bytes)",
+        limit_bytes=limit,
     )
 
 
 @task(**IO_TASK)
-def record_source(image_id: int, ref: ObjectRef) -> Image:
-    """The image's bytes now lie at `ref` (recorded before any cleanup, so they are never lost)."""
-    return open_catalog().transition(image_id, rules.record, source=str(ref),
+def record_source(image_id: int, ref: ObjectRef, etag: str) -> Image:
+    """The image's bytes now lie at `ref` with this ETag (recorded before any cleanup, so they are
+    never lost; clones pin their copy to it)."""
+    return open_catalog().transition(image_id, rules.record, source=str(ref), source_etag=etag,
                                      flow_run_id=current_flow_run_id(), message=f"bytes at {ref}")
+
+
+@task(**IO_TASK)
+def record_made(image_id: int, made: InspectedObject) -> Image:
+    """The bytes a flow made for the image: where, their ETag, sizes and sha256."""
+    found = made.inspection
+    return open_catalog().transition(
+        image_id, rules.record, source=str(made.ref), source_etag=made.etag, size=found.size,
+        virtual_size=found.virtual_size, sha256=found.sha256, flow_run_id=current_flow_run_id(),
+        message=f"bytes at {made.ref} ({found.size} bytes)",
+    )
+
+
+# --- clone -----------------------------------------------------------------------------------
+
+@task(**IO_TASK)
+def begin_clone(request: CloneRequest, object_id: str) -> Image:
+    """Step 1 of a clone: the target registered LOCKED and its source taken, in one transaction
+    (refused when the clone breaks a rule or does not fit its datastore: nothing is written)."""
+    catalog = open_catalog()
+    existing = catalog.find_by_upload_id(object_id)
+    if existing is not None:  # a retry, or this task retried
+        rules.clone_resume(existing)
+        return carried_on(existing)
+    source = catalog.get_for(request.actor(), request.source_id, Right.USE)
+    store = load_datastore(request.datastore or source.datastore)
+    operations.check_clone(catalog, request.actor(), request, limit_bytes=store.limit_bytes)
+    return operations.begin_clone(catalog, request.actor(), request, object_id=object_id,
+                                  limit_bytes=store.limit_bytes, flow_run_id=current_flow_run_id())
+
+
+# --- empty images ----------------------------------------------------------------------------
+
+@task(**IO_TASK)
+def check_empty_request(request: CreateEmptyRequest, object_id: str) -> int:
+    """Refuse what breaks a creation rule before anything is written; returns the bytes the image
+    will take in its datastore (`qemu-img measure`)."""
+    rules.validate_empty_image(type_=request.type)
+    store = load_datastore(request.datastore)
+    actor = request.actor()
+    catalog = open_catalog()
+    catalog.check_new_image(actor, name=request.name, type_=request.type, persistent=request.persistent,
+                            upload_id=object_id)
+    required = qemu.measure(request.driver, request.size)
+    if catalog.find_by_upload_id(object_id) is None:
+        catalog.check_capacity(actor, datastore=request.datastore, limit_bytes=store.limit_bytes,
+                               required=required, skip=request.skip_capacity_check)
+    return required
+
+
+@task(**IO_TASK)
+def register_empty(request: CreateEmptyRequest, object_id: str, required: int) -> Image:
+    """The image row, LOCKED while its empty disk is written (idempotent per object id)."""
+    catalog = open_catalog()
+    existing = catalog.find_by_upload_id(object_id)
+    if existing is not None:
+        return carried_on(existing)
+    actor = request.actor()
+    limit = rules.capacity_limit(load_datastore(request.datastore).limit_bytes,
+                                 skip=request.skip_capacity_check, is_admin=actor.is_admin)
+    recorded = request.model_copy(update={"object_id": object_id}).model_dump(mode="json")
+    return catalog.register(
+        actor=actor, name=request.name, type_=request.type, persistent=request.persistent, bus=request.bus,
+        format_=request.driver, datastore=request.datastore, state=ImageState.LOCKED,
+        flow_run_id=current_flow_run_id(), upload_id=object_id, description=request.description,
+        size=required, virtual_size=request.size, limit_bytes=limit,
+        last_operation={"op": Operation.CREATE_EMPTY.value, "request": recorded},
+        message=f"registered empty {request.driver.value} disk of {request.size} bytes",
+    )
+
+
+# --- delete ----------------------------------------------------------------------------------
+
+@task(**IO_TASK)
+def begin_delete(request: DeleteRequest) -> Image:
+    """Step 1 of a delete: DELETE (the name is free at once). An image already in DELETE (marked by
+    the CLI, or a retried delete) is carried on by this run."""
+    catalog = open_catalog()
+    image = catalog.get_for(request.actor(), request.image_id, Right.MANAGE)
+    if image.state is ImageState.DELETE:
+        return carried_on(image)
+    return operations.delete(catalog, request.actor(), request.image_id, force=request.force,
+                             flow_run_id=current_flow_run_id())
+
+
+@task(**IO_TASK)
+def drop_image_row(image_id: int) -> None:
+    """Last step of a delete: the row goes, once its objects are gone."""
+    open_catalog().remove(image_id, flow_run_id=current_flow_run_id())

@@ -11,7 +11,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from blocks.datastore import ObjectInfo, ObjectRef, S3Datastore
 from catalog.model import DiskFormat, IntegrityError, NotFound, Refused
@@ -45,6 +45,50 @@ class HashingReader:
     @property
     def sha256(self) -> str:
         return self.digest.hexdigest()
+
+
+class ChunkReader:
+    """A read-only file-like object over an iterator of byte chunks (e.g. a generator): bytes are
+    made only as they are read, so neither memory nor disk ever holds the whole stream (at most
+    one `read` size plus one chunk)."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks = iter(chunks)
+        self._buffer = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._buffer) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buffer += chunk
+        if size < 0:
+            size = len(self._buffer)
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return out
+
+
+def zeros(size: int, chunk_size: int) -> Iterator[bytes]:
+    """`size` zero bytes in chunks of at most `chunk_size` (one shared block, never all of them)."""
+    block = bytes(min(chunk_size, size))
+    remaining = size
+    while remaining > 0:
+        step = min(chunk_size, remaining)
+        yield block if step == len(block) else bytes(step)
+        remaining -= step
+
+
+def upload_stream(datastore: S3Datastore, ref: ObjectRef, chunks: Iterator[bytes], *, size: int,
+                  progress: Progress | None = None) -> tuple[ObjectInfo, str]:
+    """Upload a generated stream of exactly `size` bytes (multipart, bounded memory), hashing it on
+    the way; returns what the store holds and the sha256."""
+    reader = HashingReader(ChunkReader(chunks), progress)
+    info = datastore.upload(reader, ref, size_hint=size)
+    if reader.size != size or info.size != size:
+        datastore.delete(ref)
+        raise IntegrityError(f"Upload to {ref}: {info.size} bytes stored, {reader.size} sent, {size} expected")
+    return info, reader.sha256
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,18 @@ test harness (a real API server), and a SQLite catalog, all under one temporary 
 
 from __future__ import annotations
 
+import enum
 import os
+import re
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="hcx-test-"))
@@ -21,16 +26,21 @@ os.environ.pop("HCX_DATABASE_URL", None)
 os.environ.pop("HCX_REMOTE", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from blocks.datastore import S3Datastore, load_datastore  # noqa: E402
+from catalog.model import Image, ImageState, ImageType, utcnow  # noqa: E402
+from catalog.permissions import Actor  # noqa: E402
 from catalog.requests import UploadRequest  # noqa: E402
-from catalog.settings import get_settings  # noqa: E402
-from catalog.store import open_catalog  # noqa: E402
+from catalog.settings import Settings, get_settings  # noqa: E402
+from catalog.store import Catalog, open_catalog  # noqa: E402
+from catalog.store import images as images_table  # noqa: E402
 from cli.main import app  # noqa: E402
 from cli.runtime import running_platform  # noqa: E402
-from cli.stack import Stack, free_port  # noqa: E402
+from cli.stack import Service, Stack, descendants, free_port  # noqa: E402
+from flows.upload import upload  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -127,12 +137,25 @@ def make_request():
 
 # --- fault injection: a TCP proxy that can cut every connection --------------------------------
 
+# What S3 answers a request it refuses: a real 403, which clients do not retry.
+_ACCESS_DENIED_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+                       b'<Message>Access Denied (injected by the test proxy)</Message></Error>')
+_ACCESS_DENIED = (b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/xml\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(_ACCESS_DENIED_BODY), _ACCESS_DENIED_BODY))
+DENY_SERVER_COPIES = rb"(?i)\r\nx-amz-copy-source:"
+DENY_DELETES = rb"\ADELETE "
+
+
 class CuttableProxy:
-    """Forwards 127.0.0.1:port to a target; `cut(seconds)` drops live and new connections."""
+    """Forwards 127.0.0.1:port to a target; `cut(seconds)` drops live and new connections;
+    `deny(pattern)` answers every request whose bytes match with S3's 403 AccessDenied (a fault not
+    worth retrying: e.g. DENY_SERVER_COPIES, DENY_DELETES) until `deny(None)`."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
         self.port = free_port()
+        self._deny: re.Pattern | None = None
+        self.denied = 0
         self._down_until = 0.0
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -157,6 +180,9 @@ class CuttableProxy:
                 conn.close()
             self._conns.clear()
 
+    def deny(self, pattern: bytes | None) -> None:
+        self._deny = re.compile(pattern) if pattern else None
+
     def close(self) -> None:
         self._stop = True
         self._server.close()
@@ -174,8 +200,28 @@ class CuttableProxy:
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        """Client -> server, answering a denied request itself (a request's head arrives whole:
+        the client sends it at once, after the previous response on the connection)."""
+        try:
+            while data := client.recv(65536):
+                deny = self._deny
+                if deny is not None and deny.search(data):
+                    self.denied += 1
+                    client.sendall(_ACCESS_DENIED)
+                    break
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, upstream):
+                try:
+                    s.close()
+                except OSError:
+                    pass
 
     @staticmethod
     def _pipe(src: socket.socket, dst: socket.socket) -> None:
@@ -197,3 +243,296 @@ def cuttable_proxy(stack_state):
     proxy = CuttableProxy(stack_state.s3.ports["s3.port"])
     yield proxy
     proxy.close()
+
+
+# --- the lifecycle: datastores, images in any state, actors -----------------------------------
+
+ALICE = Actor(user="alice", group="users")  # the CLI's user in this session (HCX_USER)
+BOB = Actor(user="bob", group="staff")
+ADMIN = Actor(user="root", group="oneadmin", is_admin=True)
+
+
+@pytest.fixture
+def new_datastore(stack_state, unique_name):
+    """Register a datastore block on the session's SeaweedFS (or a proxy to it: `endpoint`), with
+    its buckets; returns its name."""
+
+    def make(endpoint: str | None = None, *, limit_bytes: int | None = None, staging_bucket: bool = False) -> str:
+        name = unique_name("ds")
+        store = S3Datastore(endpoint_url=endpoint or stack_state.s3_endpoint, bucket=f"{name}-images",
+                            staging_bucket=f"{name}-staging" if staging_bucket else None, limit_bytes=limit_bytes,
+                            access_key=stack_state.s3_access_key, secret_key=stack_state.s3_secret_key)
+        store.ensure_buckets()
+        store.save(name)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def far_endpoint(stack_state) -> str:
+    """The same SeaweedFS spelled differently: hcx treats it as another endpoint (copies stream)."""
+    return stack_state.s3_endpoint.replace("127.0.0.1", "localhost")
+
+
+@pytest.fixture
+def ready_image(tmp_path, make_request, unique_name, catalog):
+    """A READY image uploaded by the real upload flow from a file of random bytes."""
+
+    def make(*, datastore: str = "default", size: int = 3 * 1024 * 1024 + 5, persistent: bool = False,
+             type_: ImageType = ImageType.DATABLOCK) -> Image:
+        path = tmp_path / f"{uuid.uuid4().hex}.raw"
+        path.write_bytes(os.urandom(size))
+        image_id = upload(make_request(unique_name("src"), path=str(path), datastore=datastore,
+                                       persistent=persistent, type=type_))
+        image = catalog.get(image_id)
+        assert image.state is ImageState.READY, image.error
+        return image
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def shared_source(stack_state, tmp_path_factory) -> Image:
+    """One READY image for the whole session, uploaded by the real flow; tests may clone it (a clone
+    leaves it READY again) or be refused, never change it otherwise."""
+    path = tmp_path_factory.mktemp("shared") / "shared.raw"
+    path.write_bytes(os.urandom(2 * 1024 * 1024 + 3))
+    image_id = upload(upload_request(f"shared-{uuid.uuid4().hex[:8]}", path=str(path), type=ImageType.DATABLOCK))
+    image = open_catalog().get(image_id)
+    assert image.state is ImageState.READY, image.error
+    return image
+
+
+@pytest.fixture
+def put_image(catalog, unique_name):
+    """Insert an image row in any state with any counters, bypassing the rules (for the state
+    matrix, which tests the rules and operations, not the flows). A DELETE row holds no name."""
+
+    def make(state: ImageState, **fields) -> Image:
+        name = fields.pop("name", None) or unique_name("row")
+        now = utcnow()
+        values = {
+            "name": name, "name_slot": None if state is ImageState.DELETE else name,
+            "owner": "alice", "group": "users", "permissions": 0o600, "type": ImageType.OS.value,
+            "persistent": False, "bus": "virtio", "format": "raw", "datastore": "default",
+            "state": state.value, "description": "", "attributes": {}, "size": 1024, "virtual_size": 1024,
+            "running_vms": 0, "cloning_ops": 0, "snapshots": 0, "version": 0,
+            "created_at": now, "updated_at": now, "upload_id": uuid.uuid4().hex,
+        }
+        values.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in fields.items()})
+        with catalog.engine.begin() as conn:
+            image_id = conn.execute(images_table.insert().values(**values)).inserted_primary_key[0]
+        return catalog.get(image_id)
+
+    return make
+
+
+def object_keys(store: S3Datastore) -> list[str]:
+    """Every object of a datastore's image area and staging area."""
+    bucket, prefix = store.staging_area()
+    keys = {f"{store.bucket}/{o['Key']}" for o in store.list_keys(store.bucket, store.prefix)}
+    keys |= {f"{bucket}/{o['Key']}" for o in store.list_keys(bucket, prefix)}
+    return sorted(keys)
+
+
+@pytest.fixture
+def store_objects():
+    return object_keys
+
+
+# --- the platform: `hcx-image up` in a home of its own (SeaweedFS, prefect server + UI, worker) -
+
+HCX_CLI = str(Path(sys.executable).with_name("hcx-image"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class Platform:
+    """A running platform started by the real CLI, and ways in: its CLI, REST API, catalog, SDK."""
+
+    def __init__(self, home: Path, env: dict[str, str]):
+        self.home = home
+        self.env = env
+        self.settings = Settings(home=home)
+        self.stack = Stack(self.settings)
+        self.catalog = Catalog(self.settings.catalog_url)
+
+    @property
+    def state(self):
+        return self.stack.load()
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.state.prefect_url}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return self.state.prefect_url
+
+    def hcx(self, *args, timeout: float = 180, **env) -> subprocess.CompletedProcess:
+        """`hcx-image ...` as a user would run it against this platform."""
+        return subprocess.run([HCX_CLI, *map(str, args)], env={**self.env, **env}, capture_output=True,
+                              text=True, timeout=timeout, cwd=self.home)
+
+    def rest(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, timeout=30)
+
+    @contextmanager
+    def sdk(self):
+        """This process's Prefect client (blocks, SDK calls) pointed at the platform's API."""
+        from prefect.events.worker import EventsWorker
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+            try:
+                yield
+            finally:  # its events (block loads) go to this API, and later ones to the next
+                EventsWorker.drain_all(timeout=5, at_exit=False)
+
+    def datastore(self, name: str = "default") -> S3Datastore:
+        with self.sdk():
+            return S3Datastore.load(name, _sync=True)
+
+    def deployment_id(self, name: str) -> str:
+        with self.rest() as api:
+            return api.get(f"/deployments/name/{name}/{name}").raise_for_status().json()["id"]
+
+    def create_run(self, deployment: str, parameters: dict) -> httpx.Response:
+        """`POST /api/deployments/{id}/create_flow_run`, as any REST client would."""
+        with self.rest() as api:
+            return api.post(f"/deployments/{self.deployment_id(deployment)}/create_flow_run",
+                            json={"parameters": parameters})
+
+    def flow_run(self, flow_run_id: str) -> dict:
+        with self.rest() as api:
+            return api.get(f"/flow_runs/{flow_run_id}").raise_for_status().json()
+
+    def wait_run(self, flow_run_id: str, timeout: float = 120) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.flow_run(flow_run_id)
+            if run["state_type"] in TERMINAL:
+                return run
+            time.sleep(0.3)
+        raise AssertionError(f"flow run {flow_run_id} still {run['state_type']} after {timeout}s")
+
+    def artifacts(self, flow_run_id: str) -> list[dict]:
+        with self.rest() as api:
+            return api.post("/artifacts/filter", json={
+                "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).raise_for_status().json()
+
+    def events(self, prefix: str, resource_id: str | None = None, since: float = 900) -> list[dict]:
+        """Events whose name starts with `prefix` (all pages), oldest first."""
+        query: dict = {"event": {"prefix": [prefix]}, "order": "ASC", "occurred": {
+            "since": (datetime.now(timezone.utc) - timedelta(seconds=since)).isoformat()}}
+        if resource_id:
+            query["resource"] = {"id": [resource_id]}
+        found: list[dict] = []
+        with self.rest() as api:
+            page = api.post("/events/filter", json={"limit": 50, "filter": query}).raise_for_status().json()
+            found += page["events"]
+            while page.get("next_page"):
+                page = api.get(page["next_page"]).raise_for_status().json()
+                found += page["events"]
+        return found
+
+    def wait_for_events(self, prefix: str, resource_id: str, count: int = 1, timeout: float = 30) -> list[dict]:
+        """The events once at least `count` arrived (the server stores them a moment after)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(prefix, resource_id)) < count and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return found
+
+    def logs(self, flow_run_id: str) -> list[dict]:
+        with self.rest() as api:
+            return api.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                  "limit": 200}).raise_for_status().json()
+
+    def add_datastore(self, name: str, **fields) -> S3Datastore:
+        """A datastore block on the platform's S3 (as `hcx-image datastore add` saves it)."""
+        state = self.state
+        store = S3Datastore(endpoint_url=state.s3_endpoint, access_key=state.s3_access_key,
+                            secret_key=state.s3_secret_key, **fields)
+        with self.sdk():
+            store.ensure_buckets()
+            store.save(name)
+        return self.datastore(name)
+
+    def stage(self, path: Path, datastore: str = "default") -> str:
+        """Put a file into a datastore's staging area as an external tool would; its upload id."""
+        store = self.datastore(datastore)
+        upload_id = uuid.uuid4().hex
+        with open(path, "rb") as source:
+            store.upload(source, store.staging_ref(upload_id))
+        return upload_id
+
+    def pids(self) -> list[int]:
+        state = self.state
+        return [pid for pid in (state.s3.pid, state.prefect.pid, state.worker.pid) if pid]
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory) -> Platform:
+    """`hcx-image up` once per session in its own home and free ports; `hcx-image down` after,
+    and nothing it started may outlive the session."""
+    home = tmp_path_factory.mktemp("platform")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "HCX_"))}
+    env.update(HCX_HOME=str(home), HCX_USER="alice", HCX_GROUP="users", HCX_WORKER_POLL_SECONDS="1",
+               PREFECT_HOME=str(home / "prefect-cli"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    started = Platform(home, env)
+    result = started.hcx("up", timeout=300)
+    try:
+        assert result.returncode == 0, f"hcx-image up failed:\n{result.stdout}\n{result.stderr}"
+        yield started
+    finally:
+        pids = started.pids()
+        below = [p for pid in pids for p in descendants(pid)]
+        down = started.hcx("down")
+        assert down.returncode == 0, down.stderr
+        left = [pid for pid in (*pids, *below) if Stack.running(Service(pid=pid))]
+        assert left == [], f"processes left running after `hcx-image down`: {left}"
+
+
+@pytest.fixture(scope="session")
+def finished_upload(platform, tmp_path_factory) -> dict:
+    """One upload through the deployment's REST API, run by the worker to the end:
+    {"flow_run": <run>, "image": Image, "name": str}."""
+    source = tmp_path_factory.mktemp("upload") / "disk.raw"
+    source.write_bytes(os.urandom(6 * 1024 * 1024 + 17))
+    upload_id = platform.stage(source)
+    name = f"rest-{upload_id[:8]}"
+    reply = platform.create_run("upload", {"request": {"owner": "alice", "group": "users", "name": name,
+                                                       "type": "DATABLOCK", "upload_id": upload_id}})
+    assert reply.status_code == 201, reply.text
+    run = platform.wait_run(reply.json()["id"])
+    assert run["state_type"] == "COMPLETED", run["state"]
+    return {"flow_run": run, "image": platform.catalog.find_by_upload_id(upload_id), "name": name,
+            "source": source}
+
+
+# --- a real browser: Debian's chromium driven by playwright (never `playwright install`) ------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser_page():
+    """One headless Chromium page per module (`apt-get install chromium`, `pip install playwright`).
+    Never longer: playwright's sync API keeps an event loop running in the main thread, under
+    which Prefect's sync calls (`Block.save`) would turn into coroutines nobody awaits."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (make setup does)")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        pytest.fail("playwright is missing: `pip install -e '.[test]'` (make setup does)")
+    expect.set_options(timeout=15_000)  # the UI is a single-page app: wait on content, not on load
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser.new_page(viewport={"width": 1400, "height": 900})
+        finally:
+            browser.close()

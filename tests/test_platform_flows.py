@@ -1,0 +1,97 @@
+"""The platform's flows run in this process against the session's Prefect harness, with their
+reporting hooks (as deployments and the launcher run them): a failure's summary, monitor, and
+reconcile's patience with an operation whose run has not started yet."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+from blocks.datastore import S3Datastore
+from catalog import operations
+from catalog.model import ImageState
+from catalog.requests import actor_for
+from flows.launcher import deployable
+from flows.upload import upload
+from tasks.maintenance import settle_image
+
+
+def _artifacts(flow_run_id) -> list:
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def _events(name: str, resource_id: str, timeout: float = 20) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            found = client.read_events(EventFilter(
+                occurred=EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(minutes=10)),
+                event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id]),
+            ), limit=50).events
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_failed_operation_leaves_a_summary_with_reason_and_next_step(catalog, make_request, unique_name):
+    missing = uuid.uuid4().hex
+    before = catalog.list()
+    state = deployable()["upload"](make_request(unique_name("nothing"), upload_id=missing), return_state=True)
+    assert state.is_failed()
+    assert catalog.list() == before
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert [a.key for a in artifacts if a.type == "markdown"] == ["upload-failure"]
+    assert [a.key for a in artifacts if a.type == "table"] == []  # no image was affected
+    text = next(a.data for a in artifacts if a.type == "markdown")
+    assert "**Reason:**" in text and "not found" in text
+    assert "No image was registered or changed: correct the request" in text
+
+
+def test_monitor_reports_used_free_total_per_datastore(default_store, new_datastore):
+    name = new_datastore(limit_bytes=1024**3)
+    limited = S3Datastore.load(name)
+    limited.upload(io.BytesIO(b"z" * 300_000), limited.image_ref("some-object"))
+
+    state = deployable()["monitor"](datastores=["default", name], return_state=True)
+    assert state.is_completed(), state.message
+    measured = {m["datastore"]: m for m in state.result()}
+    objects = default_store.list_keys(default_store.bucket, default_store.prefix)
+    assert measured["default"]["used"] == sum(o["Size"] for o in objects)
+    assert measured["default"]["total"] is None and measured["default"]["free"] is None
+    assert {k: measured[name][k] for k in ("used", "free", "total", "objects", "catalog_used")} == \
+        {"used": 300_000, "free": 1024**3 - 300_000, "total": 1024**3, "objects": 1, "catalog_used": 0}
+
+    usage = next(a for a in _artifacts(state.state_details.flow_run_id) if a.key == "datastore-usage")
+    rows = {r["datastore"]: r for r in json.loads(usage.data)}
+    assert (rows[name]["used"], rows[name]["free"], rows[name]["total"]) == ("293K", "1023.7M", "1G")
+    events = _events("hcx.datastore.monitored", f"hcx.datastore.{name}")
+    assert [e.payload["used"] for e in events] == [300_000]
+
+
+def test_reconcile_waits_for_the_run_that_takes_up_a_newer_operation(catalog, default_store, make_request,
+                                                                      unique_name, raw_file):
+    """A delete the CLI marked after the image's upload run ended is not judged by that old run:
+    reconcile waits for the delete's own run to record itself, and gives up only after the stale time."""
+    upload_id = unique_name("up")
+    with open(raw_file, "rb") as source:
+        default_store.upload(source, default_store.staging_ref(upload_id))
+    image = catalog.get(upload(make_request(unique_name(), upload_id=upload_id)))
+    assert image.state is ImageState.READY
+    time.sleep(2.1)  # past the grace given to the upload run's own hooks
+    operations.delete(catalog, actor_for("alice", "users"), image.id)
+
+    assert settle_image.fn(image.id, 2) is None
+    assert catalog.get(image.id).state is ImageState.DELETE
+    time.sleep(2.1)  # no delete run recorded itself in time
+    settled = settle_image.fn(image.id, 2)
+    assert "no flow run was recorded for its operation" in settled["action"]
+    assert catalog.get(image.id).state is ImageState.ERROR

@@ -1,0 +1,133 @@
+"""Platform pieces that need no worker: the heartbeat change (against Prefect's test harness), the
+maintenance rules, the failure summary, and the deployments described from the flow registry."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+from catalog import rules
+from catalog.model import Bus, DiskFormat, Image, ImageState, ImageType, Refused
+from catalog.settings import Settings
+from flows import heartbeat
+from flows.launcher import deployable, maintenance, registry
+from flows.platform import STAGED_EVENT, deployment_specs, render_prefect_yaml
+from flows.reporting import failure_markdown, redact
+from tests.conftest import REPO_ROOT
+
+S = ImageState
+
+
+@flow
+def empty_flow() -> int:
+    return 1
+
+
+def _median_run_seconds(runs: int = 5) -> float:
+    took = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        empty_flow()
+        took.append(time.perf_counter() - start)
+    return statistics.median(took)
+
+
+def test_flow_runs_no_longer_wait_a_second_for_the_heartbeat_thread(prefect_api, monkeypatch):
+    assert heartbeat.installed(), "flows/__init__.py installs the heartbeat change"
+    empty_flow()  # warm up the client and the flow's registration
+    patched = _median_run_seconds()
+    from prefect import flow_engine
+
+    monkeypatch.setattr(flow_engine, "_send_heartbeats", heartbeat.PREFECT_SEND_HEARTBEATS)
+    original = _median_run_seconds()
+    print(f"empty flow run: Prefect's heartbeat {original:.3f}s, ours {patched:.3f}s")
+    assert original >= 0.95, "Prefect's own heartbeat makes every run last about 1 s"
+    assert patched < original - 0.25 and patched < 0.8, (original, patched)
+
+
+def test_heartbeats_are_still_sent(prefect_api):
+    state = empty_flow(return_state=True)
+    run_id = state.state_details.flow_run_id
+    deadline = time.monotonic() + 20
+    beats = []
+    while not beats and time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            beats = client.read_events(EventFilter(
+                occurred=EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(minutes=5)),
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                resource=EventResourceFilter(id=[f"prefect.flow-run.{run_id}"]),
+            ), limit=10).events
+        time.sleep(0.5)
+    assert len(beats) == 1  # sent at the start of the run; the next would come 30 s later
+
+
+def _image(state: ImageState, **fields) -> Image:
+    return Image(id=7, name="disk", owner="alice", group="users", type=ImageType.OS, persistent=False,
+                 bus=Bus.VIRTIO, format=DiskFormat.RAW, datastore="default", state=state, **fields)
+
+
+@pytest.mark.parametrize("state, awaits", [
+    (S.LOCKED, True), (S.LOCKED_USED, True), (S.LOCKED_USED_PERS, True), (S.DELETE, True),
+    (S.READY, False), (S.CLONE, False), (S.ERROR, False), (S.USED, False),
+])
+def test_awaits_operation(state, awaits):
+    assert rules.awaits_operation(_image(state)) is awaits
+
+
+def test_abandon_follows_the_failure_rules():
+    assert rules.abandon(_image(S.LOCKED), "gone")["state"] is S.ERROR
+    assert "gone" in rules.abandon(_image(S.LOCKED_USED), "gone")["error"]
+    deleting = rules.abandon(_image(S.DELETE), "gone")
+    assert deleting["state"] is S.ERROR and "Error removing image from datastore: gone" in deleting["error"]
+    with pytest.raises(Refused, match="Cannot abandon the operation of image 7, it is in state READY"):
+        rules.abandon(_image(S.READY), "gone")
+
+
+def test_object_missing_and_checksum_mismatch_only_where_the_bytes_should_be():
+    assert rules.object_missing(_image(S.USED, source="s3://b/k"), "s3://b/k")["state"] is S.ERROR
+    with pytest.raises(Refused):
+        rules.object_missing(_image(S.LOCKED), "s3://b/k")
+    damaged = rules.checksum_mismatch(_image(S.READY, sha256="a" * 64), "b" * 64)
+    assert damaged["state"] is S.ERROR and "Checksum mismatch" in damaged["error"]
+    with pytest.raises(Refused):
+        rules.checksum_mismatch(_image(S.DISABLED, sha256="a" * 64), "b" * 64)
+
+
+def test_failure_summary_says_why_and_what_to_do():
+    crashed = failure_markdown("upload", "upload disk -> default", "Crashed", "worker lost",
+                               {7: _image(S.ERROR, error="boom")}, crashed=True)
+    assert "**Reason:** worker lost" in crashed
+    assert "The process running this flow died" in crashed
+    assert "`hcx-image retry 7`" in crashed and "| 7 | disk | ERROR | boom |" in crashed
+    refused = failure_markdown("upload", "upload x -> default", "Failed", "NAME is already taken", {}, crashed=False)
+    assert "No image was registered or changed" in refused
+
+
+def test_redact_masks_credentials_in_free_text():
+    text = "connect failed: aws_secret_access_key=abcSECRET123 access_key: AKIAXYZ password='pw1' ok"
+    assert redact(text) == "connect failed: aws_secret_access_key=**** access_key: **** password='****' ok"
+
+
+def test_every_registered_flow_gets_a_deployment():
+    specs = {spec["name"]: spec for spec in deployment_specs(Settings.model_construct())}
+    assert set(specs) == set(registry()) | set(maintenance()) == set(deployable())
+    for name, spec in specs.items():
+        assert spec["entrypoint"] == f"flows.launcher.{name.replace('-', '_')}"
+        assert spec["enforce_parameter_schema"] is True and spec["work_pool"]["name"] == "hcx-process"
+    assert [t["expect"] for t in specs["upload"]["triggers"]] == [[STAGED_EVENT]]
+    assert {name: [s["interval"] for s in specs[name]["schedules"]] for name in maintenance()} == \
+        {"reconcile": [300], "monitor": [300], "scrub": [86400]}
+    import flows.launcher as launcher
+
+    assert all(getattr(launcher, name.replace("-", "_")) is flow for name, flow in deployable().items())
+
+
+def test_prefect_yaml_is_current():
+    assert (REPO_ROOT / "prefect.yaml").read_text() == render_prefect_yaml(), \
+        "prefect.yaml is out of date: run `hcx-image platform yaml`"
