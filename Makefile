@@ -20,6 +20,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 bench: $(STAMP)
+	$(BIN)/python bench/flow_run_overhead.py
 	$(BIN)/python bench/upload_memory.py
 
 up: $(STAMP)

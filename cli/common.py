@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import typer
 from prefect.client.orchestration import get_client
@@ -26,6 +26,7 @@ from catalog.store import Catalog, open_catalog
 # Piped output (scripts, tests) gets full-width lines rather than names cut to 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True)
+T = TypeVar("T")
 
 
 def refusals_exit_1(command: Callable) -> Callable:
@@ -103,28 +104,45 @@ def flow_run_outcome(flow_run_id: str) -> tuple[str | None, str]:
     return (state_type if state_type in TERMINAL_RUN_STATES else None), message
 
 
-def wait_for_image(find: Callable[[], Image | None], flow_run_id: str, *, until_settled: bool,
-                   poll: float = 0.2, hook_grace: float = 15.0) -> Image:
-    """Wait until the run has recorded its image (and, with until_settled, left LOCKED/DELETE).
-    A run that ends without an image raises its failure; one whose hooks never moved the image
-    (a crash) raises what the run said."""
+def follow_flow_run(outcome: Callable[[], T | None], flow_run_id: str, *,
+                    give_up: Callable[[float, str, str], None], poll: float = 0.2) -> T:
+    """Poll `outcome()` until it has a result (it may raise to end the wait). The run's state is
+    read about once a second; once the run has ended, `give_up(seconds since, final state, its
+    message)` is called at every poll and raises when the hooks have had time enough."""
     last_check, ended_at, ended, message = 0.0, None, None, ""
     while True:
-        image = find()
-        if image is not None and (not until_settled or image.state not in _BUSY_STATES):
-            return image
+        found = outcome()
+        if found is not None:
+            return found
         now = time.monotonic()
         if ended_at is None and now - last_check > 1.0:
             last_check = now
             ended, message = flow_run_outcome(flow_run_id)
             if ended is not None:
                 ended_at = now
-        if ended_at is not None and now - ended_at > (hook_grace if image is not None else 2.0):
-            if image is None:
-                raise HcxError(_clean_run_message(message) or f"flow run {flow_run_id} ended {ended}")
-            raise HcxError(f"image {image.id} is still {image.state.value} but its flow run ended {ended}: "
-                           f"{_clean_run_message(message)}")
+        if ended_at is not None:
+            give_up(now - ended_at, ended, _clean_run_message(message))
         time.sleep(poll)
+
+
+def wait_for_image(find: Callable[[], Image | None], flow_run_id: str, *, until_settled: bool,
+                   hook_grace: float = 15.0) -> Image:
+    """Wait until the run has recorded its image (and, with until_settled, left LOCKED/DELETE).
+    A run that ends without an image raises its failure; one whose hooks never moved the image
+    (a crash) raises what the run said."""
+
+    def outcome() -> Image | None:
+        image = find()
+        return image if image is not None and (not until_settled or image.state not in _BUSY_STATES) else None
+
+    def give_up(waited: float, ended: str, message: str) -> None:
+        image = find()
+        if image is None and waited > 2.0:
+            raise HcxError(message or f"flow run {flow_run_id} ended {ended}")
+        if image is not None and waited > hook_grace:
+            raise HcxError(f"image {image.id} is still {image.state.value} but its flow run ended {ended}: {message}")
+
+    return follow_flow_run(outcome, flow_run_id, give_up=give_up)
 
 
 _BUSY_STATES = {ImageState.LOCKED, ImageState.LOCKED_USED, ImageState.LOCKED_USED_PERS, ImageState.DELETE}

@@ -9,7 +9,6 @@ what happened. Refusals exit 1 with the reason on stderr; usage errors exit 2.
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -27,7 +26,7 @@ from catalog.requests import (
 )
 from catalog.settings import get_settings
 from cli.common import (
-    acting_user, catalog, console, flow_run_outcome, refusals_exit_1, report_new_image, transfer_bar,
+    acting_user, catalog, console, follow_flow_run, refusals_exit_1, report_new_image, transfer_bar,
     wait_for_image,
 )
 from cli.main import app  # cli.main imports this module once `app` exists, so the verbs register on it
@@ -156,25 +155,22 @@ def restage_if_gone(image: Image) -> None:
         raise Refused(f"{refused} and {path} changed while it was staged again; retry when it is quiet.")
 
 
-def wait_for_removal(image_id: int, flow_run_id: str, *, poll: float = 0.2, hook_grace: float = 15.0) -> None:
+def wait_for_removal(image_id: int, flow_run_id: str, *, hook_grace: float = 15.0) -> None:
     """Follow a delete until the row is gone (exit 0) or the image is in ERROR (exit 1)."""
-    ended_at, last_check, ended, message = None, 0.0, None, ""
-    while True:
+
+    def outcome() -> bool | None:
         image = catalog().find(image_id)
-        if image is None:
-            console.print(f"image {image_id} deleted")
-            return
-        if image.state is ImageState.ERROR:
+        if image is not None and image.state is ImageState.ERROR:
             raise HcxError(f"image {image_id} is in ERROR: {image.error}")
-        now = time.monotonic()
-        if ended_at is None and now - last_check > 1.0:
-            last_check = now
-            ended, message = flow_run_outcome(flow_run_id)
-            if ended is not None:
-                ended_at = now
-        if ended_at is not None and now - ended_at > hook_grace:
+        return True if image is None else None
+
+    def give_up(waited: float, ended: str, message: str) -> None:
+        image = catalog().find(image_id)
+        if image is not None and waited > hook_grace:
             raise HcxError(f"image {image_id} is still {image.state.value} but its flow run ended {ended}: {message}")
-        time.sleep(poll)
+
+    follow_flow_run(outcome, flow_run_id, give_up=give_up)
+    console.print(f"image {image_id} deleted")
 
 
 def create_empty_image(*, name: str, type_: ImageType, datastore: str, size: str, persistent: bool, bus: Bus,

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from blocks.datastore import ObjectRef, load_datastore
 from catalog.model import HcxError
 from catalog.requests import CloneRequest
 from catalog.store import open_catalog
-from flows.hooks import failure_reason
+from flows.hooks import failure_reason, image_operation
 from tasks.images import begin_clone, record_source
 from tasks.objects import copy_into_datastore
 
@@ -56,15 +55,7 @@ def _run_name() -> str:
     return f"clone image {request.source_id} -> {request.name}"
 
 
-@flow(
-    name="clone",
-    flow_run_name=_run_name,
-    on_completion=[_on_success],
-    on_failure=[_on_failure],
-    on_crashed=[_on_failure],
-    on_cancellation=[_on_failure],
-    log_prints=True,
-)
+@image_operation("clone", run_name=_run_name, on_failure=_on_failure, on_success=_on_success)
 def clone(request: CloneRequest) -> int:
     """Clone an image into a new one, in the source's datastore or another."""
     target = begin_clone(request, object_id_of(request, flow_run.get_id()))

@@ -8,12 +8,11 @@ to ERROR with "Error copying image in the datastore: <reason>".
 
 from __future__ import annotations
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from catalog.requests import CreateEmptyRequest
 from catalog.store import open_catalog
-from flows.hooks import fail_image, failure_reason, unlock_image
+from flows.hooks import fail_image, failure_reason, image_operation, unlock_image
 from tasks.images import check_empty_request, record_made, register_empty
 from tasks.objects import write_empty_image
 
@@ -40,15 +39,7 @@ def _run_name() -> str:
     return f"create empty {request.driver.value} {request.name} -> {request.datastore}"
 
 
-@flow(
-    name="create-empty",
-    flow_run_name=_run_name,
-    on_completion=[_on_success],
-    on_failure=[_on_failure],
-    on_crashed=[_on_failure],
-    on_cancellation=[_on_failure],
-    log_prints=True,
-)
+@image_operation("create-empty", run_name=_run_name, on_failure=_on_failure, on_success=_on_success)
 def create_empty(request: CreateEmptyRequest) -> int:
     """Create an empty OS or DATABLOCK image of a given size (raw or qcow2)."""
     object_id = object_id_of(request, flow_run.get_id())

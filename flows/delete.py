@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 
-from prefect import flow
 from prefect.runtime import flow_run
 
 from catalog import rules
 from catalog.model import HcxError, ImageState
 from catalog.requests import DeleteRequest
 from catalog.store import open_catalog
-from flows.hooks import failure_reason
+from flows.hooks import failure_reason, image_operation
 from tasks.images import begin_delete, drop_image_row
 from tasks.objects import remove_image_objects
 
@@ -42,14 +41,7 @@ def _run_name() -> str:
     return f"delete image {request.image_id}{' (forced)' if request.force else ''}"
 
 
-@flow(
-    name="delete",
-    flow_run_name=_run_name,
-    on_failure=[_on_failure],
-    on_crashed=[_on_failure],
-    on_cancellation=[_on_failure],
-    log_prints=True,
-)
+@image_operation("delete", run_name=_run_name, on_failure=_on_failure)
 def delete(request: DeleteRequest) -> list[str]:
     """Delete an image: its objects from the datastore, then its row. Returns the objects removed."""
     image = begin_delete(request)

@@ -7,6 +7,9 @@ idempotent and the scheduled reconcile flow is the backstop.
 from __future__ import annotations
 
 import logging
+from typing import Callable
+
+from prefect import Flow, flow
 
 from catalog import rules
 from catalog.model import HcxError, Image
@@ -45,3 +48,11 @@ def fail_image(image: Image | None, flow_run_id: str, reason: str) -> None:
         open_catalog().transition(image.id, rules.fail, reason, flow_run_id=flow_run_id, message=reason)
     except HcxError:
         log.exception("could not move image %s to ERROR", image.id)
+
+
+def image_operation(name: str, *, run_name: Callable[[], str], on_failure: Callable,
+                    on_success: Callable | None = None) -> Callable[[Callable], Flow]:
+    """The decorator of an image operation's flow: `on_failure` runs when the run fails, crashes or
+    is cancelled alike (each leaves the image in ERROR), `on_success` when it completes."""
+    return flow(name=name, flow_run_name=run_name, on_completion=[on_success] if on_success else [],
+                on_failure=[on_failure], on_crashed=[on_failure], on_cancellation=[on_failure], log_prints=True)

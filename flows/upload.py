@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 
-from blocks.datastore import ObjectRef, load_datastore
+from blocks.datastore import load_datastore
 from catalog.model import HcxError, IntegrityError
 from catalog.requests import UploadRequest
 from catalog.store import open_catalog
-from flows.hooks import fail_image, failure_exception, failure_reason, unlock_image
+from flows.hooks import fail_image, failure_exception, failure_reason, image_operation, unlock_image
 from tasks.images import check_upload_request, record_source, register_upload
 from tasks.objects import copy_into_datastore, delete_object, inspect_staged, stage_local_file
 
@@ -62,15 +62,7 @@ def _run_name() -> str:
     return f"upload {request.name} -> {request.datastore}"
 
 
-@flow(
-    name="upload",
-    flow_run_name=_run_name,
-    on_completion=[_on_success],
-    on_failure=[_on_failure],
-    on_crashed=[_on_failure],
-    on_cancellation=[_on_failure],
-    log_prints=True,
-)
+@image_operation("upload", run_name=_run_name, on_failure=_on_failure, on_success=_on_success)
 def upload(request: UploadRequest) -> int:
     """Register an image from staged bytes (or a file on the worker) and copy it into its datastore."""
     upload_id = upload_id_of(request, flow_run.get_id())

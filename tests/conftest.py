@@ -13,9 +13,11 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Callable
 
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="hcx-test-"))
 # Before anything reads settings (they are cached per process).
@@ -84,6 +86,28 @@ def cli(stack_state):
 @pytest.fixture
 def unique_name():
     return lambda prefix="img": f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def all_at_once(calls: list[Callable[[], object]]) -> list[object]:
+    """Run the calls in threads released together (a barrier): a real race. Returns each call's
+    result, or the exception it raised, in the order given."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], object]) -> object:
+        barrier.wait()
+        try:
+            return call()
+        except Exception as exc:
+            return exc
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+def catalog_snapshot(catalog: Catalog) -> tuple:
+    """Everything a refusal must leave as it was: every row and every history row."""
+    rows = catalog.list()
+    return rows, [catalog.history(i.id) for i in rows]
 
 
 # --- image files ------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ name slots. Catalog-level (no flows): the rules themselves are covered with the 
 
 from __future__ import annotations
 
-import threading
+import functools
 import uuid
 
 import pytest
@@ -13,6 +13,7 @@ from catalog import rules
 from catalog.model import Bus, DiskFormat, ImageState, ImageType, Refused
 from catalog.permissions import Actor
 from catalog.store import Catalog
+from tests.conftest import all_at_once
 
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -50,23 +51,12 @@ def test_racing_transitions_never_both_win(fresh_catalog):
     """Twenty threads acquire the source of a clone at once, then release it: every change is
     counted exactly once and the image ends READY with counters at zero."""
     image = new_image(fresh_catalog)
-    barrier = threading.Barrier(20)
-    errors = []
 
     def clone_once(n: int) -> None:
-        try:
-            barrier.wait()
-            fresh_catalog.transition(image.id, rules.clone_source_acquire, 1000 + n)
-            fresh_catalog.transition(image.id, rules.clone_source_release)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        fresh_catalog.transition(image.id, rules.clone_source_acquire, 1000 + n)
+        fresh_catalog.transition(image.id, rules.clone_source_release)
 
-    threads = [threading.Thread(target=clone_once, args=(n,)) for n in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert all_at_once([functools.partial(clone_once, n) for n in range(20)]) == [None] * 20
     final = fresh_catalog.get(image.id)
     assert (final.state, final.cloning_ops, final.version) == (ImageState.READY, 0, 40)
     assert len(fresh_catalog.history(image.id)) == 41  # the registration and 40 transitions
@@ -74,19 +64,11 @@ def test_racing_transitions_never_both_win(fresh_catalog):
 
 def test_only_one_of_two_racing_deletes_wins_the_state(fresh_catalog):
     image = new_image(fresh_catalog)
-    results = []
 
-    def delete() -> None:
-        try:
-            results.append(fresh_catalog.transition(image.id, rules.delete, force=False, is_admin=False).state)
-        except Refused as exc:
-            results.append(str(exc))
+    def delete() -> ImageState:
+        return fresh_catalog.transition(image.id, rules.delete, force=False, is_admin=False).state
 
-    threads = [threading.Thread(target=delete) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = all_at_once([delete, delete])
     # DELETE -> DELETE is allowed (a retried delete), so both succeed, but each saw a fresh row:
     history = fresh_catalog.history(image.id)
     assert results == [ImageState.DELETE, ImageState.DELETE]
@@ -117,25 +99,15 @@ def test_racing_clones_register_and_release_as_pairs(fresh_catalog):
     (the clone READY and the source released in one transaction): on SQLite and PostgreSQL alike,
     no pair is ever half done and the source ends READY with its counters at zero."""
     source = new_image(fresh_catalog, persistent=True)
-    barrier = threading.Barrier(20)
-    errors, clones = [], []
 
-    def clone_once(n: int) -> None:
-        try:
-            barrier.wait()
-            target = fresh_catalog.begin_clone(actor=ALICE, source_id=source.id, name=f"copy-{n}", datastore=None,
-                                               persistent=False, description=None, object_id=f"obj-{n}")
-            clones.append(target.id)
-            fresh_catalog.finish_clone(target.id, error=None if n % 4 else "copy failed")
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+    def clone_once(n: int) -> int:
+        target = fresh_catalog.begin_clone(actor=ALICE, source_id=source.id, name=f"copy-{n}", datastore=None,
+                                           persistent=False, description=None, object_id=f"obj-{n}")
+        fresh_catalog.finish_clone(target.id, error=None if n % 4 else "copy failed")
+        return target.id
 
-    threads = [threading.Thread(target=clone_once, args=(n,)) for n in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    clones = all_at_once([functools.partial(clone_once, n) for n in range(20)])
+    assert all(isinstance(i, int) for i in clones), clones
     final = fresh_catalog.get(source.id)
     assert (final.state, final.cloning_ops, final.cloning_id) == (ImageState.READY, 0, None)
     states = sorted(fresh_catalog.get(i).state.value for i in clones)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import io
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
+import functools
 
 import pytest
 
@@ -18,7 +17,7 @@ from flows.clone import clone
 from flows.delete import delete
 from flows.retry import retry
 from tasks import transfer
-from tests.conftest import ALICE, BOB, DENY_SERVER_COPIES
+from tests.conftest import ALICE, BOB, DENY_SERVER_COPIES, all_at_once
 
 S = ImageState
 
@@ -63,14 +62,9 @@ def test_clone_to_another_endpoint_streams_and_verifies(catalog, ready_image, un
 def test_twenty_concurrent_clones(catalog, ready_image, unique_name):
     """All READY with the source's bytes; the source back to READY with both counters at 0."""
     source = ready_image(persistent=True)
-    barrier = threading.Barrier(20)
-
-    def one(n: int) -> int:
-        barrier.wait()
-        return clone(clone_request(source.id, unique_name(f"c{n}")))
-
-    with ThreadPoolExecutor(20) as pool:
-        clone_ids = list(pool.map(one, range(20)))
+    clone_ids = all_at_once([functools.partial(clone, clone_request(source.id, unique_name(f"c{n}")))
+                             for n in range(20)])
+    assert all(isinstance(i, int) for i in clone_ids), clone_ids
     copies = [catalog.get(i) for i in clone_ids]
     assert all(c.state is S.READY and c.sha256 == source.sha256 for c in copies)
     assert len({c.source for c in copies}) == 20 and all(holds_bytes(c) for c in copies[:3])
@@ -90,25 +84,15 @@ def test_a_delete_racing_clones_never_deletes_an_image_being_cloned(catalog, rea
     (test_lifecycle_rules races the same operations many more times without the flows around them.)"""
     source = ready_image()
     names = [unique_name("racer") for _ in range(3)]
-    barrier = threading.Barrier(len(names) + 1)
-
-    def clone_one(name: str):
-        barrier.wait()
-        return clone(clone_request(source.id, name), return_state=True)
-
-    def delete_source():
-        barrier.wait()
-        return delete(DeleteRequest(owner="alice", image_id=source.id), return_state=True)
-
-    with ThreadPoolExecutor(len(names) + 1) as pool:
-        clones = [pool.submit(clone_one, name) for name in names]
-        deleted = pool.submit(delete_source)
-    states = [c.result() for c in clones]
+    *states, deleted = all_at_once([
+        *(functools.partial(clone, clone_request(source.id, name), return_state=True) for name in names),
+        functools.partial(delete, DeleteRequest(owner="alice", image_id=source.id), return_state=True),
+    ])
     history = catalog.history(source.id)
     started = [i for i, h in enumerate(history) if h["message"].startswith("clone to image") and "started" in h["message"]]
     deletes = [i for i, h in enumerate(history) if h["to_state"] == "DELETE"]
 
-    if deleted.result().is_completed():
+    if deleted.is_completed():
         assert catalog.find(source.id) is None
         assert history[deletes[0]]["from_state"] == "READY"  # no clone held it
         assert all(i < deletes[0] for i in started)  # none started after
@@ -117,7 +101,7 @@ def test_a_delete_racing_clones_never_deletes_an_image_being_cloned(catalog, rea
                 assert "DELETE" in state.message or "does not exist" in state.message
                 assert catalog.name_owner("alice", name) is None
     else:
-        assert "active clone operations" in deleted.result().message
+        assert "active clone operations" in deleted.message
         assert deletes == [] and catalog.get(source.id).state is S.READY
     for state, name in zip(states, names):
         if state.is_completed():

@@ -13,7 +13,7 @@ import pytest
 from catalog import operations
 from catalog.model import Image, ImageState, ImageType, Refused
 from catalog.requests import CloneRequest
-from tests.conftest import ADMIN, ALICE
+from tests.conftest import ADMIN, ALICE, catalog_snapshot
 
 S = ImageState
 
@@ -126,12 +126,6 @@ def run_operation(catalog, name: str, image: Image, new_name: str) -> Image:
     }[name]()
 
 
-def snapshot(catalog) -> tuple:
-    """Everything a refusal must leave as it was: every row and every history row."""
-    rows = catalog.list()
-    return rows, [catalog.history(i.id) for i in rows]
-
-
 CASES = [(op, st) for op in EXPECTED for st in S]
 
 
@@ -140,13 +134,13 @@ def test_operation_in_state(catalog, put_image, op, state):
     image = put_image(state, **SHAPES[state])
     new_name = f"new-{uuid.uuid4().hex[:10]}"
     expected = EXPECTED[op][state]
-    before = snapshot(catalog)
+    before = catalog_snapshot(catalog)
 
     if isinstance(expected, Refusal):
         with pytest.raises(Refused) as refused:
             run_operation(catalog, op, image, new_name)
         assert expected.message.format(id=image.id, state=state.value) in str(refused.value)
-        assert snapshot(catalog) == before
+        assert catalog_snapshot(catalog) == before
         assert catalog.find_by_upload_id(new_name) is None
         return
 

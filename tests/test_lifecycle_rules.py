@@ -4,7 +4,7 @@ its clones. Catalog level, real SQLite; every refusal changes nothing."""
 
 from __future__ import annotations
 
-import threading
+import functools
 import uuid
 
 import pytest
@@ -12,14 +12,9 @@ import pytest
 from catalog import operations, rules
 from catalog.model import Bus, DiskFormat, ImageState, ImageType, PermissionDenied, Refused
 from catalog.requests import CloneRequest
-from tests.conftest import ADMIN, ALICE, BOB
+from tests.conftest import ADMIN, ALICE, BOB, all_at_once, catalog_snapshot
 
 S = ImageState
-
-
-def snapshot(catalog) -> tuple:
-    rows = catalog.list()
-    return rows, [catalog.history(i.id) for i in rows]
 
 
 @pytest.fixture
@@ -27,11 +22,11 @@ def refused(catalog):
     """Run `action`, expect a refusal containing `message`, and prove nothing changed."""
 
     def check(action, message: str, exc_type: type[Exception] = Refused):
-        before = snapshot(catalog)
+        before = catalog_snapshot(catalog)
         with pytest.raises(exc_type) as caught:
             action()
         assert message in str(caught.value)
-        assert snapshot(catalog) == before
+        assert catalog_snapshot(catalog) == before
 
     return check
 
@@ -172,37 +167,18 @@ def test_a_delete_racing_clones_wins_only_against_no_clone(catalog, put_image, r
     """Twelve clones and a delete start together: either the delete is refused, or every clone that
     started had started and ended before it; no clone is ever registered on a DELETE source."""
     source = put_image(S.READY, persistent=round_ % 2 == 1)
-    barrier = threading.Barrier(13)
-    outcomes: dict[str, object] = {}
 
-    def clone_and_finish(n: int) -> None:
-        barrier.wait()
-        try:
-            target = begin_clone(catalog, source.id)
-        except Refused as exc:
-            outcomes[f"clone{n}"] = exc
-            return
-        outcomes[f"clone{n}"] = target
+    def clone_and_finish(n: int):
+        target = begin_clone(catalog, source.id)
         if n % 3:  # some finish before the delete may run, some hold the source to the end
             catalog.finish_clone(target.id, error=None)
+        return target
 
-    def delete() -> None:
-        barrier.wait()
-        try:
-            outcomes["delete"] = operations.delete(catalog, ALICE, source.id)
-        except Refused as exc:
-            outcomes["delete"] = exc
-
-    threads = [threading.Thread(target=clone_and_finish, args=(n,)) for n in range(12)]
-    threads.append(threading.Thread(target=delete))
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    clones = [v for k, v in outcomes.items() if k.startswith("clone")]
+    *clones, deleted = all_at_once([*(functools.partial(clone_and_finish, n) for n in range(12)),
+                                    lambda: operations.delete(catalog, ALICE, source.id)])
     history = catalog.history(source.id)
-    if isinstance(outcomes["delete"], Refused):
-        assert "active clone operations" in str(outcomes["delete"])
+    if isinstance(deleted, Exception):
+        assert "active clone operations" in str(deleted)
         assert all(not isinstance(c, Exception) for c in clones)
     else:
         at = next(i for i, h in enumerate(history) if h["to_state"] == "DELETE")

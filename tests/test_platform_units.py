@@ -3,7 +3,6 @@ maintenance rules, the failure summary, and the deployments described from the f
 
 from __future__ import annotations
 
-import statistics
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -29,26 +28,18 @@ def empty_flow() -> int:
     return 1
 
 
-def _median_run_seconds(runs: int = 5) -> float:
-    took = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        empty_flow()
-        took.append(time.perf_counter() - start)
-    return statistics.median(took)
-
-
-def test_flow_runs_no_longer_wait_a_second_for_the_heartbeat_thread(prefect_api, monkeypatch):
-    assert heartbeat.installed(), "flows/__init__.py installs the heartbeat change"
-    empty_flow()  # warm up the client and the flow's registration
-    patched = _median_run_seconds()
+def test_the_heartbeat_change_is_in_place_for_the_prefect_it_was_read_from():
+    """The time it saves is measured by bench/flow_run_overhead.py; here only that it is the code
+    in use, and that an upgrade of Prefect makes someone re-read `flow_engine._send_heartbeats`."""
+    import prefect
     from prefect import flow_engine
 
-    monkeypatch.setattr(flow_engine, "_send_heartbeats", heartbeat.PREFECT_SEND_HEARTBEATS)
-    original = _median_run_seconds()
-    print(f"empty flow run: Prefect's heartbeat {original:.3f}s, ours {patched:.3f}s")
-    assert original >= 0.95, "Prefect's own heartbeat makes every run last about 1 s"
-    assert patched < original - 0.25 and patched < 0.8, (original, patched)
+    assert prefect.__version__ == heartbeat.PATCHED_PREFECT_VERSION, (
+        "Prefect changed: compare prefect.flow_engine._send_heartbeats with flows/heartbeat.py, then "
+        "update PATCHED_PREFECT_VERSION")
+    assert heartbeat.installed(), "flows/__init__.py installs the heartbeat change"
+    assert flow_engine._send_heartbeats is heartbeat._send_heartbeats
+    assert heartbeat.PREFECT_SEND_HEARTBEATS is not heartbeat._send_heartbeats
 
 
 def test_heartbeats_are_still_sent(prefect_api):
