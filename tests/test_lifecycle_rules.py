@@ -334,3 +334,56 @@ def test_clone_refused_when_the_target_datastore_is_full(catalog, put_image, ref
     refused(lambda: operations.begin_clone(catalog, ALICE, request, object_id=uuid.uuid4().hex, limit_bytes=500,
                                            flow_run_id=None), "has no room for this image")
     refused(lambda: operations.check_clone(catalog, ALICE, request, limit_bytes=500), "has no room for this image")
+
+
+# --- VMs (image-rules.md "VM acquires image" / "VM releases image") -----------------------------
+# No VM operation exists yet; these rules are what the later VM flows will call, checked here
+# against the table, through the store.
+
+ACQUIRE_REFUSED_STATES = (S.INIT, S.DISABLED, S.ERROR, S.DELETE, S.CLONE)
+
+
+@pytest.mark.parametrize("state, persistent, vms, hot_attach, expected", [
+    (S.READY, False, 0, False, (S.USED, 1)),
+    (S.READY, True, 0, True, (S.USED_PERS, 1)),
+    (S.USED, False, 2, True, (S.USED, 3)),
+    (S.LOCKED, False, 0, False, (S.LOCKED_USED, 1)),      # the VM waits for the unlock
+    (S.LOCKED, True, 0, False, (S.LOCKED_USED_PERS, 1)),
+    (S.LOCKED_USED, False, 1, False, (S.LOCKED_USED, 2)),
+    (S.LOCKED, False, 0, True, "it is locked"),
+    (S.LOCKED_USED, False, 1, True, "it is locked"),
+    (S.USED_PERS, True, 1, False, "it is persistent and already in use"),
+    *((st, False, 0, False, f"it is in state {st.value}") for st in ACQUIRE_REFUSED_STATES),
+])
+def test_vm_acquire(catalog, put_image, refused, state, persistent, vms, hot_attach, expected):
+    image = put_image(state, persistent=persistent, running_vms=vms)
+    if isinstance(expected, str):
+        refused(lambda: catalog.transition(image.id, rules.vm_acquire, hot_attach),
+                f"Cannot acquire image {image.id}")
+        refused(lambda: catalog.transition(image.id, rules.vm_acquire, hot_attach), expected)
+        return
+    acquired = catalog.transition(image.id, rules.vm_acquire, hot_attach)
+    assert (acquired.state, acquired.running_vms) == expected
+
+
+@pytest.mark.parametrize("state, persistent, vms, ops, failed, expected", [
+    (S.USED_PERS, True, 1, 0, False, S.READY),
+    (S.USED, False, 2, 0, False, S.USED),               # another VM still uses it
+    (S.USED, False, 1, 0, False, S.READY),
+    (S.USED, False, 1, 1, False, S.USED),               # a clone still copies it
+    (S.LOCKED_USED, False, 2, 0, False, S.LOCKED_USED),
+    (S.LOCKED_USED, False, 1, 0, False, S.LOCKED),
+    (S.LOCKED_USED_PERS, True, 1, 0, False, S.LOCKED),
+    (S.USED, False, 1, 0, True, S.ERROR),               # a VM failed while active: data may be inconsistent
+])
+def test_vm_release(catalog, put_image, state, persistent, vms, ops, failed, expected):
+    image = put_image(state, persistent=persistent, running_vms=vms, cloning_ops=ops)
+    released = catalog.transition(image.id, rules.vm_release, failed)
+    assert (released.state, released.running_vms, released.cloning_ops) == (expected, vms - 1, ops)
+    if failed:
+        assert "A VM using the image failed" in released.error
+
+
+def test_vm_release_without_a_vm_is_refused(catalog, put_image, refused):
+    image = put_image(S.READY)
+    refused(lambda: catalog.transition(image.id, rules.vm_release), f"Image {image.id} has no VM to release")
