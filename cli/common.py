@@ -79,9 +79,17 @@ def image_table(images: list[Image]) -> Table:
     return table
 
 
-def report_new_image(find: Callable[[], Image | None], flow_run_id: str, wait: bool) -> None:
-    """Print the id of the image a flow registers as soon as it is recorded; with `wait`, follow
-    it until it settles (exit 0 on READY, 1 on ERROR)."""
+def report_new_image(object_id: str, flow_run_id: str, *, wait: bool, remote: bool) -> None:
+    """Say which flow run makes the new image (object id `object_id`), then its id as soon as it is
+    recorded; with `wait`, follow it until it settles (exit 0 on READY, 1 on ERROR). A run sent to a
+    worker (`remote`) without `wait` is not followed: the worker registers the image when it starts."""
+    console.print(f"FLOW RUN: {flow_run_id}")
+    if remote and not wait:
+        return
+
+    def find() -> Image | None:
+        return open_catalog().find_by_upload_id(object_id)
+
     image = wait_for_image(find, flow_run_id, until_settled=False)
     console.print(f"ID: {image.id}")
     if not wait:

@@ -6,7 +6,6 @@ from typing import Optional
 
 import typer
 from prefect.client.orchestration import get_client
-from prefect.settings import PREFECT_API_URL
 from rich.table import Table
 
 from blocks.datastore import S3Datastore
@@ -15,10 +14,6 @@ from cli.common import catalog, console, print_json, refusals_exit_1
 from cli.runtime import running_platform
 
 app = typer.Typer(help="Register and list datastores (S3 buckets).", no_args_is_help=True)
-
-
-def prefect_api_url() -> str:
-    return PREFECT_API_URL.value() or "-"
 
 
 def all_datastores() -> dict[str, S3Datastore]:

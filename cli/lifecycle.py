@@ -66,10 +66,7 @@ def clone(
         store = load_datastore(datastore or source.datastore)
         operations.check_clone(catalog(), actor, request, limit_bytes=store.limit_bytes)
         flow_run_id = submit("clone", {"request": request.model_dump(mode="json")}, remote=remote)
-        console.print(f"FLOW RUN: {flow_run_id}")
-        if remote and not wait:  # a worker registers the clone when it starts the run
-            return
-        report_new_image(lambda: catalog().find_by_upload_id(object_id), flow_run_id, wait)
+        report_new_image(object_id, flow_run_id, wait=wait, remote=remote)
 
 
 @app.command()
@@ -193,10 +190,7 @@ def create_empty_image(*, name: str, type_: ImageType, datastore: str, size: str
             skip_capacity_check=skip_capacity_check, object_id=object_id,
         )
         flow_run_id = submit("create-empty", {"request": request.model_dump(mode="json")}, remote=remote)
-        console.print(f"FLOW RUN: {flow_run_id}")
-        if remote and not wait:
-            return
-        report_new_image(lambda: catalog().find_by_upload_id(object_id), flow_run_id, wait)
+        report_new_image(object_id, flow_run_id, wait=wait, remote=remote)
 
 
 # --- verbs that only move the catalog --------------------------------------------------------

@@ -110,10 +110,7 @@ def create(
         finally:
             if not submitted:  # nothing may stay behind a refused or interrupted upload
                 store.delete(store.staging_ref(upload_id))
-        console.print(f"FLOW RUN: {flow_run_id}")
-        if remote and not wait:  # a worker registers the image when it starts the run
-            return
-        report_new_image(lambda: catalog().find_by_upload_id(upload_id), flow_run_id, wait)
+        report_new_image(upload_id, flow_run_id, wait=wait, remote=remote)
 
 
 @app.command("list")

@@ -24,7 +24,7 @@ def carried_on(image: Image) -> Image:
     """This run takes up the operation an existing image waits on (a retry, a delete the CLI
     marked): record the run on the image, so the image is never judged by another run's fate."""
     run_id = current_flow_run_id()
-    if image.flow_run_id == run_id or image.state not in (*rules.LOCKED_STATES, ImageState.DELETE):
+    if image.flow_run_id == run_id or not rules.awaits_operation(image):
         return image  # already ours, or settled (a re-sent upload that had finished)
     return open_catalog().transition(image.id, rules.pending_run, flow_run_id=run_id,
                                      message="operation carried on by this flow run")
