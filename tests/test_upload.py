@@ -173,3 +173,32 @@ def test_transient_fault_during_copy_is_retried(stack_state, cli, catalog, make_
     assert cuttable_proxy.refused > 0
     assert image.state is ImageState.READY
     assert image.sha256 == sha256_of(qcow2_file)
+
+
+@pytest.mark.parametrize("case", ["bad limit", "bad kind", "taken name", "wrong secret"])
+def test_datastore_add_refusals_change_nothing(stack_state, cli, default_store, unique_name, case):
+    """Refused before anything is saved: no block written or changed, no bucket created."""
+    ds = unique_name("ds")
+    args = {"name": ds, "secret": stack_state.s3_secret_key, "extra": []}
+    message = {
+        "bad limit": "Invalid size 'lots'", "bad kind": "Unknown --kind 'scratch'",
+        "taken name": "Datastore 'default' already exists", "wrong secret": f"create bucket {ds}-b",
+    }[case]
+    if case == "bad limit":
+        args["extra"] = ["--limit", "lots"]
+    elif case == "bad kind":
+        args["extra"] = ["--kind", "scratch"]
+    elif case == "taken name":
+        args["name"] = "default"
+    else:
+        args["secret"] = "not-the-secret"
+    listed_before = json.loads(cli("datastore", "list", "--json").stdout)
+    buckets_before = {b["Name"] for b in default_store.client().list_buckets()["Buckets"]}
+
+    result = cli("datastore", "add", args["name"], "--endpoint", stack_state.s3_endpoint, "--bucket", f"{ds}-b",
+                 "--access-key", stack_state.s3_access_key, "--secret-key", args["secret"], *args["extra"])
+
+    assert result.exit_code == 1 and message in result.stderr, result.stderr
+    assert "not-the-secret" not in result.stderr
+    assert json.loads(cli("datastore", "list", "--json").stdout) == listed_before
+    assert {b["Name"] for b in default_store.client().list_buckets()["Buckets"]} == buckets_before
