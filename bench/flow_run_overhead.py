@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prefect import flow, flow_engine  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from flows import heartbeat  # noqa: E402  (importing `flows` installs our heartbeat)
+from flows import heartbeat  # noqa: E402
 
 
 @flow
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()
-    if not heartbeat.installed():
+    if not heartbeat.install():  # as flows/launcher.py does in a process that runs flows
         sys.exit(f"the heartbeat change is not installed (Prefect {heartbeat.PATCHED_PREFECT_VERSION} only)")
     ours = flow_engine._send_heartbeats
     with prefect_test_harness(server_startup_timeout=120):

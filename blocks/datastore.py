@@ -12,17 +12,18 @@ from typing import BinaryIO, Callable, Literal
 
 import boto3
 from boto3.exceptions import Boto3Error
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from prefect.blocks.core import Block
 from pydantic import ConfigDict, Field, SecretStr, field_validator
+from s3transfer.subscribers import BaseSubscriber
 
-from catalog.model import IntegrityError, NotFound, StorageError, TransientStorageError
-from catalog.settings import get_settings
+from catalog.model import IntegrityError, NotFound, Refused, StorageError, TransientStorageError, human_size
+from catalog.settings import S3_MAX_OBJECT, S3_PARTS, get_settings
 
 Progress = Callable[[int], None]
-MAX_PARTS = 9_000  # S3 allows 10,000 parts per multipart upload; keep a margin
+MAX_PARTS = S3_PARTS  # S3 allows 10,000 parts per multipart upload; keep a margin
 
 # What the object store (or the way to it) can raise; anything else is a bug and propagates as is.
 _S3_ERRORS = (ClientError, BotoCoreError, Boto3Error, OSError)
@@ -55,6 +56,22 @@ class ObjectRef:
 class ObjectInfo:
     size: int
     etag: str
+
+
+class _KnownSize(BaseSubscriber):
+    """s3transfer subscriber: gives the transfer's size up front (so it never asks the file system,
+    which knows none for a device) and reports progress."""
+
+    def __init__(self, size: int, progress: Progress | None):
+        self._size = size
+        self._progress = progress
+
+    def on_queued(self, future, **kwargs) -> None:
+        future.meta.provide_transfer_size(self._size)
+
+    def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:
+        if self._progress is not None:
+            self._progress(bytes_transferred)
 
 
 @dataclass(frozen=True)
@@ -144,6 +161,16 @@ class S3Datastore(Block):
             secret_key=self.secret_key.get_secret_value(),
             verify_tls=self.verify_tls,
         ))
+
+    @staticmethod
+    def check_fits(size: int, what: str) -> None:
+        """Refuse an object larger than one S3 multipart upload can hold (before anything is written)."""
+        if size > S3_MAX_OBJECT:
+            raise Refused(
+                f"{what} would be one object of {human_size(size)} ({size} bytes), more than a datastore "
+                f"holds ({human_size(S3_MAX_OBJECT)}: S3 takes at most {MAX_PARTS} parts of 5 GiB here): "
+                "make it smaller, or use qcow2, which stores only what is written."
+            )
 
     @staticmethod
     def transfer_config(size_hint: int | None = None) -> TransferConfig:
@@ -240,6 +267,19 @@ class S3Datastore(Block):
         try:
             self.client().upload_fileobj(fileobj, ref.bucket, ref.key, Config=self.transfer_config(size_hint),
                                          Callback=progress)
+        except _S3_ERRORS as exc:
+            raise storage_error(exc, f"upload to {ref}") from None
+        return self.head(ref)
+
+    def upload_path(self, path: str, ref: ObjectRef, *, size: int, progress: Progress | None = None) -> ObjectInfo:
+        """Multipart upload of the first `size` bytes of a file given by name. s3transfer opens the
+        file for each part and reads it only as the part is sent, so no part is held in memory,
+        whatever the part size (unlike `upload`, which buffers whole parts of a stream). `path` may
+        be a device such as /dev/zero: the size is given, never asked of the file system."""
+        self.check_fits(size, f"Upload to {ref}")
+        try:
+            with create_transfer_manager(self.client(), self.transfer_config(size)) as manager:
+                manager.upload(path, ref.bucket, ref.key, subscribers=[_KnownSize(size, progress)]).result()
         except _S3_ERRORS as exc:
             raise storage_error(exc, f"upload to {ref}") from None
         return self.head(ref)

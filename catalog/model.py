@@ -6,6 +6,7 @@ import enum
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from typing import Any, TypedDict
 
 
 class ImageType(str, enum.Enum):
@@ -73,6 +74,29 @@ class Operation(str, enum.Enum):
     DELETE = "delete"
 
 
+@dataclass(frozen=True)
+class OperationRecord:
+    """The file operation an image waits on or failed in, recorded so `retry` can run it again:
+    the operation, the request it was started with (its JSON), the staged upload it reads, and for
+    a forced delete the flow run it must stop first."""
+
+    op: Operation
+    request: dict[str, Any] | None = None
+    upload_id: str | None = None
+    stops_run: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"op": self.op.value, "request": self.request, "upload_id": self.upload_id,
+                "stops_run": self.stops_run}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "OperationRecord | None":
+        if not data:
+            return None
+        return cls(op=Operation(data["op"]), request=data.get("request"), upload_id=data.get("upload_id"),
+                   stops_run=data.get("stops_run"))
+
+
 class HcxError(Exception):
     """Base of every error hcx-images reports to a user: the message says what and what to do."""
 
@@ -87,6 +111,11 @@ class NotFound(Refused):
 
 class PermissionDenied(Refused):
     pass
+
+
+class Superseded(HcxError):
+    """A flow run wrote for an operation it no longer owns (a retry or a forced delete took the
+    image over): nothing was changed."""
 
 
 class ConcurrentChange(HcxError):
@@ -160,9 +189,10 @@ class Image:
     cloning_id: int | None = None
     snapshots: int = 0
     error: str | None = None
-    last_operation: dict | None = None
+    last_operation: OperationRecord | None = None
     flow_run_id: str | None = None
     upload_id: str | None = None
+    name_held: bool = True  # False while the row holds no name slot (DELETE; a failed delete)
     version: int = 0
     created_at: datetime | None = None
     updated_at: datetime | None = None
@@ -206,3 +236,27 @@ class Image:
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "updated_at": self.updated_at.isoformat() if self.updated_at else None,
         }
+
+
+class Changes(TypedDict, total=False):
+    """What a rule changes on an image: `state` always, any other field of `Image` as needed.
+    The store applies it with one compare-and-set (`Image.with_changes` refuses unknown fields)."""
+
+    state: ImageState
+    name: str
+    name_held: bool
+    type: ImageType
+    persistent: bool
+    description: str
+    attributes: dict
+    size: int | None
+    virtual_size: int | None
+    source: str | None
+    source_etag: str | None
+    sha256: str | None
+    running_vms: int
+    cloning_ops: int
+    cloning_id: int | None
+    error: str | None
+    last_operation: OperationRecord | None
+    flow_run_id: str | None

@@ -1,7 +1,13 @@
-"""The lifecycle operations users ask for, each a thin layer over the catalog: check the right the
-operation needs (USE for a clone source, MANAGE for the rest, ADMIN to force-delete a LOCKED
-image), then let the rule of `catalog.rules` decide inside `Catalog.transition`, so a permission
-or a rule is judged on the same fresh row the compare-and-set writes.
+"""The lifecycle operations and the plans behind them, each a thin layer over the catalog.
+
+A user-facing operation checks the right it needs (USE for a clone source, MANAGE for the rest,
+ADMIN to force-delete a LOCKED image), then lets a rule of `catalog.rules` decide inside
+`Catalog.commit`, so a permission or a rule is judged on the same fresh rows the compare-and-set
+writes. A plan that moves several rows (a clone and its source, a removed clone target and its
+source) is one function here, decided once per attempt.
+
+Writes made for a file operation are fenced by the flow run that owns the image (`owner`): a run
+that was superseded (a retry or a forced delete took the image over) changes nothing.
 
 The flows and the CLI call these; none of them decides a rule itself.
 """
@@ -11,15 +17,17 @@ from __future__ import annotations
 from typing import Callable
 
 from catalog import rules
-from catalog.model import Image, ImageType, Operation, Refused
+from catalog.model import Image, ImageState, ImageType, Operation, OperationRecord, Refused
 from catalog.permissions import Actor, Right, has_right, require
 from catalog.requests import CloneRequest
-from catalog.store import Catalog, Move
+from catalog.store import NEW_IMAGE_ID, NEW_IMAGE_MARK, Catalog, Move, NewImage, Reader, Removal, Step
 
 
 def _needs(actor: Actor, right: Right) -> Callable[[Image], None]:
     return lambda image: require(actor, image, right)
 
+
+# --- byte-less operations ---------------------------------------------------------------------
 
 def enable(catalog: Catalog, actor: Actor, image_id: int) -> Image:
     return catalog.transition(image_id, rules.enable, expect=_needs(actor, Right.MANAGE),
@@ -53,16 +61,58 @@ def change_type(catalog: Catalog, actor: Actor, image_id: int, new_type: ImageTy
                               message=f"type changed to {new_type.value} by {actor.user}")
 
 
+# --- taking an operation up -------------------------------------------------------------------
+
+def claim(catalog: Catalog, image: Image, run_id: str) -> Image:
+    """`run_id` becomes the one writer of the operation `image` waits on (see `rules.claim`)."""
+    if image.flow_run_id == run_id:
+        return image
+    return catalog.transition(image.id, rules.claim, run_id, writer=run_id,
+                              message=f"operation taken up by flow run {run_id}")
+
+
+def register(catalog: Catalog, image: Image, *, message: str, limit_bytes: int | None) -> Image:
+    """Insert a new image (LOCKED, owned by its run), counted against `limit_bytes` of its datastore
+    under the datastore's accounting lock: concurrent registrations can never overrun it."""
+    return catalog.commit(lambda read: [NewImage(image, message, limit_bytes)], writer=image.flow_run_id)[0]
+
+
+# --- delete -----------------------------------------------------------------------------------
+
 def delete(catalog: Catalog, actor: Actor, image_id: int, *, force: bool = False,
-           flow_run_id: str | None = None) -> Image:
-    """-> DELETE (the name is free at once); the delete flow then removes the objects and the row."""
+           run_id: str | None = None) -> Image:
+    """-> DELETE (the name is free at once); the delete flow then removes the objects and the row.
+    Given `run_id` (the delete flow itself), that run owns the delete from this write on."""
 
-    def delete_rule(image: Image) -> dict:
-        return rules.delete(image, force=force, is_admin=has_right(actor, image, Right.ADMIN))
+    def delete_rule(image: Image):
+        changes = rules.delete(image, force=force, is_admin=has_right(actor, image, Right.ADMIN))
+        return {**changes, "flow_run_id": run_id} if run_id else changes
 
-    return catalog.transition(image_id, delete_rule, expect=_needs(actor, Right.MANAGE), flow_run_id=flow_run_id,
+    return catalog.transition(image_id, delete_rule, expect=_needs(actor, Right.MANAGE), writer=run_id,
                               message=f"deletion{' (forced)' if force else ''} asked by {actor.user}")
 
+
+def remove(catalog: Catalog, image_id: int, *, run_id: str | None) -> None:
+    """Drop the row of an image whose objects are gone (only from DELETE, only by the run that owns
+    the delete). A clone target force-deleted while it held its source lets go of it in the same
+    transaction."""
+
+    def plan(read: Reader) -> list[Step]:
+        image = read(image_id)
+        if image is None or image.state is not ImageState.DELETE:
+            return []
+        rules.owned_by(image, run_id)
+        steps: list[Step] = [Removal(image, "objects removed, row deleted", owner=run_id)]
+        source_id = rules.held_clone_source(image)
+        if source_id is not None and (source := read(source_id)) is not None:
+            steps.append(Move(source, rules.clone_source_release(source),
+                              f"clone to image {image_id} ended: the clone was deleted"))
+        return steps
+
+    catalog.commit(plan, writer=run_id)
+
+
+# --- clone ------------------------------------------------------------------------------------
 
 def check_clone(catalog: Catalog, actor: Actor, request: CloneRequest, *, limit_bytes: int | None) -> Image:
     """Refuse a clone that breaks a rule, before anything is written (begin_clone decides again
@@ -71,7 +121,7 @@ def check_clone(catalog: Catalog, actor: Actor, request: CloneRequest, *, limit_
     rules.clone_source_acquire(source, 0)
     if not source.source or not source.source_etag:
         raise Refused(f"Image {source.id} records no object to clone from (it was never copied into its datastore).")
-    rules.clone_target(source, persistent=request.persistent, description=request.description)
+    rules.validate_new_image(type_=source.type, persistent=request.persistent)
     rules.validate_name(request.name)
     catalog.check_name_free(actor.user, request.name)
     catalog.check_capacity(actor, datastore=request.datastore or source.datastore, limit_bytes=limit_bytes,
@@ -80,28 +130,72 @@ def check_clone(catalog: Catalog, actor: Actor, request: CloneRequest, *, limit_
 
 
 def begin_clone(catalog: Catalog, actor: Actor, request: CloneRequest, *, object_id: str,
-                limit_bytes: int | None, flow_run_id: str | None) -> Image:
-    """The clone target registered LOCKED and its source taken, in one transaction."""
+                limit_bytes: int | None, run_id: str | None) -> Image:
+    """The clone target registered LOCKED (owned by `run_id`) and its source taken (CLONING_OPS+1),
+    in one transaction: both happen or neither. A run started again for the same object id takes up
+    the target it registered, while that still holds its source."""
+    existing = catalog.find_by_upload_id(object_id)
+    if existing is not None:
+        rules.clone_resume(existing)
+        return claim(catalog, existing, run_id) if run_id else existing
     limit = rules.capacity_limit(limit_bytes, skip=request.skip_capacity_check, is_admin=actor.is_admin)
-    recorded = request.model_copy(update={"object_id": object_id}).model_dump(mode="json")
-    return catalog.begin_clone(
-        actor=actor, source_id=request.source_id, name=request.name, datastore=request.datastore,
-        persistent=request.persistent, description=request.description, object_id=object_id,
-        flow_run_id=flow_run_id, limit_bytes=limit,
-        last_operation={"op": Operation.CLONE.value, "request": recorded},
-    )
+    recorded = OperationRecord(op=Operation.CLONE,
+                               request=request.model_copy(update={"object_id": object_id}).model_dump(mode="json"))
+
+    def plan(read: Reader) -> list[Step]:
+        source = read(request.source_id) or catalog.get(request.source_id)  # get: the NotFound message
+        require(actor, source, Right.USE)
+        target = rules.new_clone(source, actor=actor, name=request.name, datastore=request.datastore,
+                                 persistent=request.persistent, description=request.description,
+                                 object_id=object_id, run_id=run_id, operation=recorded)
+        return [NewImage(target, f"cloning from image {source.id}", limit),
+                Move(source, rules.clone_source_acquire(source, NEW_IMAGE_ID), f"clone to image {NEW_IMAGE_MARK} started")]
+
+    return catalog.commit(plan, writer=run_id)[0]
 
 
-def retry(catalog: Catalog, actor: Actor, image_id: int, *, flow_run_id: str | None = None) -> Image:
-    """ERROR -> back into the failed operation (`rules.retry`); a clone target takes its source
-    again in the same transaction (unless it never let go of it)."""
+def finish_clone(catalog: Catalog, target_id: int, *, error: str | None, run_id: str | None) -> Image | None:
+    """End a clone (`error` None: success) with `rules.finish_clone`: the target unlocked or in
+    ERROR and its source released, in one transaction, fenced by the run that owns the target.
+    Idempotent: a finished clone is left alone."""
 
-    def plan(read: Callable[[int], Image | None]) -> list[Move]:
+    def plan(read: Reader) -> list[Step]:
+        target = read(target_id)
+        if target is None:
+            return []
+        rules.owned_by(target, run_id)
+        return _finish_clone_steps(target, read, error, "clone succeeded" if error is None else f"clone failed: {error}",
+                                   owner=run_id)
+
+    catalog.commit(plan, writer=run_id)
+    return catalog.find(target_id)
+
+
+def _finish_clone_steps(target: Image, read: Reader, error: str | None, message: str, *,
+                        owner: str | None) -> list[Step]:
+    source_id = rules.held_clone_source(target)
+    source = read(source_id) if source_id is not None else None
+    target_changes, source_changes = rules.finish_clone(target, source, error)
+    steps: list[Step] = [Move(target, target_changes, message, owner)] if target_changes else []
+    if source is not None and source_changes:
+        steps.append(Move(source, source_changes, f"clone to image {target.id} ended"))
+    return steps
+
+
+# --- retry and abandon ------------------------------------------------------------------------
+
+def retry(catalog: Catalog, actor: Actor, image_id: int, *, writer: str | None = None) -> Image:
+    """ERROR -> back into the failed operation (`rules.retry`), owned by no run until the run that
+    carries it on takes it up (`claim`, a history row); a clone target takes its source again in
+    the same transaction (unless it never let go of it)."""
+
+    def plan(read: Reader) -> list[Step]:
         image = catalog.get(image_id)
         require(actor, image, Right.MANAGE)
         changes = rules.retry(image)
-        op = image.last_operation["op"]
-        moves = [Move(image, changes, f"retry of the failed {op} asked by {actor.user}")]
+        op = image.last_operation.op.value
+        steps: list[Step] = [Move(image, changes, f"retry of the failed {op} asked by {actor.user}; "
+                                                  "waiting for a flow run to take it up")]
         source_id = changes.get("cloning_id")
         if source_id is not None and rules.held_clone_source(image) is None:
             source = read(source_id)
@@ -109,8 +203,25 @@ def retry(catalog: Catalog, actor: Actor, image_id: int, *, flow_run_id: str | N
                 raise Refused(f"Cannot retry image {image_id}: image {source_id}, which it was cloned from, "
                               "no longer exists. Delete it.")
             require(actor, source, Right.USE)
-            moves.append(Move(source, rules.clone_source_acquire(source, image_id),
+            steps.append(Move(source, rules.clone_source_acquire(source, image_id),
                               f"clone to image {image_id} started again"))
-        return moves
+        return steps
 
-    return catalog.transition_all(plan, flow_run_id=flow_run_id)[0]
+    return catalog.commit(plan, writer=writer)[0]
+
+
+def abandon(catalog: Catalog, image_id: int, reason: str, *, owner: str | None, writer: str | None) -> list[Image]:
+    """The operation the image waits on ended (or its process died) without moving it: what its
+    failure would have done (`rules.abandon`), or for a clone target still holding its source
+    `rules.finish_clone` on both rows. Fenced by `owner`, the run the image waited on."""
+
+    def plan(read: Reader) -> list[Step]:
+        image = read(image_id)
+        if image is None:
+            return []
+        rules.owned_by(image, owner)
+        if rules.held_clone_source(image) is not None and image.state in rules.LOCKED_STATES:
+            return _finish_clone_steps(image, read, reason, f"abandoned: {reason}", owner=owner)
+        return [Move(image, rules.abandon(image, reason), f"abandoned: {reason}", owner)]
+
+    return [i for i in catalog.commit(plan, writer=writer) if i is not None]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from catalog.model import Bus, DiskFormat, Image, ImageType, Operation, Refused, parse_size
+from catalog.model import Bus, DiskFormat, Image, ImageType, Operation, Refused, human_size, parse_size
 from catalog.permissions import Actor
-from catalog.settings import get_settings
+from catalog.settings import S3_MAX_OBJECT, S3_PARTS, get_settings
 
 
 class RequestedBy(BaseModel):
@@ -82,6 +82,33 @@ class CreateEmptyRequest(CreateRequestFields):
                 raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="after")
+    def _size_within_limits(self) -> "CreateEmptyRequest":
+        try:
+            check_empty_size(self.size, self.driver)
+        except Refused as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+def check_empty_size(size: int, driver: DiskFormat) -> None:
+    """Refuse an empty image above Settings.max_virtual_size, or a raw one larger than one datastore
+    object can be (it is stored at full size): the CLI before anything starts, the request model
+    for any other caller (a deployment's REST API)."""
+    limit = get_settings().max_virtual_size
+    if size > limit:
+        raise Refused(
+            f"Size {human_size(size)} ({size} bytes) is above the largest virtual size this service takes "
+            f"({human_size(limit)}, HCX_MAX_VIRTUAL_SIZE): ask for a smaller disk, or have an "
+            "administrator raise HCX_MAX_VIRTUAL_SIZE."
+        )
+    if driver is DiskFormat.RAW and size > S3_MAX_OBJECT:
+        raise Refused(
+            f"A raw image of {human_size(size)} ({size} bytes) is stored at full size, as one object, and "
+            f"a datastore object holds at most {human_size(S3_MAX_OBJECT)} (S3 takes {S3_PARTS} parts of "
+            "5 GiB here): use --driver qcow2, which stores only what is written, or a smaller size."
+        )
+
 
 class DeleteRequest(RequestedBy):
     """Remove an image's objects from its datastore, then its row."""
@@ -99,11 +126,11 @@ class RetryRequest(RequestedBy):
 def rerun_request(image: Image, actor: Actor) -> tuple[Operation, RequestedBy]:
     """What carries on the operation an image was retried into (`rules.retry`): the operation (its
     flow has the same name) and the request it recorded, or for a delete a new one by `actor`."""
-    last = image.last_operation or {"op": Operation.DELETE.value}
-    op = Operation(last["op"])
+    last = image.last_operation
+    op = last.op if last is not None else Operation.DELETE
     if op is Operation.DELETE:
         return op, DeleteRequest(owner=actor.user, group=actor.group, image_id=image.id)
     if op is Operation.UPLOAD:
-        return op, UploadRequest.model_validate({**last["request"], "upload_id": last["upload_id"]})
+        return op, UploadRequest.model_validate({**last.request, "upload_id": last.upload_id})
     model = {Operation.CLONE: CloneRequest, Operation.CREATE_EMPTY: CreateEmptyRequest}[op]
-    return op, model.model_validate(last["request"])
+    return op, model.model_validate(last.request)

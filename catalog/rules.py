@@ -7,7 +7,11 @@ one compare-and-set, so a rule never needs to think about concurrency.
 
 from __future__ import annotations
 
-from catalog.model import Image, ImageState, ImageType, Operation, Refused, human_size, utcnow
+from catalog.model import (
+    Bus, Changes, DiskFormat, Image, ImageState, ImageType, Operation, OperationRecord, Refused, Superseded, human_size, utcnow,
+)
+
+from catalog.permissions import DEFAULT_UMASK, Actor
 
 S = ImageState
 
@@ -38,7 +42,7 @@ def _released_state(image: Image, running_vms: int, cloning_ops: int) -> ImageSt
 
 # --- file operations -------------------------------------------------------------------------
 
-def unlock(image: Image, **recorded) -> dict:
+def unlock(image: Image, **recorded) -> Changes:
     """A file operation (copy, create, clone target) succeeded; `recorded` are its results
     (source, size, sha256, ...)."""
     if image.state not in _UNLOCKED:
@@ -46,50 +50,66 @@ def unlock(image: Image, **recorded) -> dict:
     return {"state": _UNLOCKED[image.state], "error": None, "last_operation": None, **recorded}
 
 
-def record(image: Image, **fields) -> dict:
-    """Record facts about an image without moving it (e.g. the inspected source of an upload)."""
+def record(image: Image, **fields) -> Changes:
+    """Record what a file operation found or made (its bytes' place, sizes, sha256) without moving
+    the image: only while the image waits on that operation."""
+    if image.state not in LOCKED_STATES:
+        raise _refuse_state(image, "record the results of a file operation on")
     return {"state": image.state, **fields}
 
 
-def pending_run(image: Image) -> dict:
-    """A flow run takes up the operation the image waits on (a retry, a delete marked by the CLI):
-    the state stays, the caller's transition records the run."""
+def claim(image: Image, run_id: str) -> Changes:
+    """A flow run takes up the operation the image waits on (after a retry, or a delete marked by
+    the CLI): it becomes the image's one writer. Only an operation nobody owns can be taken up;
+    taking up one's own again changes nothing."""
     if image.state not in LOCKED_STATES and image.state is not S.DELETE:
         raise _refuse_state(image, "carry on an operation on")
-    return {"state": image.state}
+    if image.flow_run_id not in (None, run_id):
+        raise Superseded(f"Image {image.id} is being handled by flow run {image.flow_run_id}; "
+                         f"flow run {run_id} changed nothing.")
+    return {"state": image.state, "flow_run_id": run_id}
 
 
-def fail(image: Image, reason: str) -> dict:
+def owned_by(image: Image, run_id: str | None) -> None:
+    """The fence of every write made for an operation: only the run that owns the image writes."""
+    if run_id is not None and image.flow_run_id != run_id:
+        raise Superseded(f"Image {image.id} is now handled by "
+                         f"{f'flow run {image.flow_run_id}' if image.flow_run_id else 'no flow run yet'}; "
+                         f"flow run {run_id} was superseded and changed nothing.")
+
+
+def fail(image: Image, reason: str) -> Changes:
     """A file operation failed: ERROR with the timestamped reason (waiting VMs fail too)."""
     if image.state not in LOCKED_STATES:
         raise _refuse_state(image, "mark as failed")
     return {"state": S.ERROR, "error": error_message(reason)}
 
 
-def retry(image: Image) -> dict:
+def retry(image: Image) -> Changes:
     """Re-run the operation that left the image in ERROR (our addition to the model).
     A failed delete goes back to DELETE; any other operation locks the image again, and a clone
     target takes its source again (`cloning_id`; the caller acquires that source in the same
     compare-and-set, see `clone_source_acquire`)."""
     if image.state is not S.ERROR:
         raise Refused(f"Image {image.id} is in state {image.state.value}: only an image in ERROR can be retried.")
-    if not image.last_operation:
+    last = image.last_operation
+    if last is None:
         raise Refused(
             f"Image {image.id} records no failed operation to retry (its error came from a VM); "
             "use `enable` or `delete` instead."
         )
-    op = Operation(image.last_operation["op"])
-    # No run carries the operation yet: the one that will stamps itself (`pending_run`), so the
+    op = last.op
+    # No run carries the operation yet: the one that will takes it up explicitly (`claim`), so the
     # failed run's id does not stay on an image that waits on another.
-    if op is Operation.DELETE:
-        return {"state": S.DELETE, "error": None, "flow_run_id": None}
+    if op is Operation.DELETE:  # a DELETE row holds no name (a rename in ERROR took one)
+        return {"state": S.DELETE, "error": None, "flow_run_id": None, "name_held": False}
     if image.running_vms:
         locked = S.LOCKED_USED_PERS if image.persistent else S.LOCKED_USED
     else:
         locked = S.LOCKED
     changes = {"state": locked, "error": None, "flow_run_id": None}
     if op is Operation.CLONE:
-        changes["cloning_id"] = int(image.last_operation["request"]["source_id"])
+        changes["cloning_id"] = int(last.request["source_id"])
     return changes
 
 
@@ -99,7 +119,7 @@ def retry(image: Image) -> dict:
 # -1, always in one compare-and-set over both rows. A source's own `cloning_id` records its most
 # recent clone while CLONING_OPS > 0.
 
-def clone_source_acquire(image: Image, clone_id: int) -> dict:
+def clone_source_acquire(image: Image, clone_id: int) -> Changes:
     if image.state not in (S.READY, S.USED, S.CLONE):
         raise _refuse_state(image, "clone")
     if image.persistent and image.snapshots:
@@ -111,7 +131,7 @@ def clone_source_acquire(image: Image, clone_id: int) -> dict:
     return {"state": state, "cloning_ops": image.cloning_ops + 1, "cloning_id": clone_id}
 
 
-def clone_source_release(image: Image) -> dict:
+def clone_source_release(image: Image) -> Changes:
     cloning_ops = max(image.cloning_ops - 1, 0)
     if image.state in (S.CLONE, S.USED):
         state = _released_state(image, image.running_vms, cloning_ops)
@@ -130,21 +150,29 @@ def held_clone_source(image: Image) -> int | None:
     return None
 
 
-def clone_target(source: Image, *, persistent: bool, description: str | None) -> dict:
-    """What a new clone inherits: type, format, bus, sizes and the sha256 (verified by the copy)."""
-    validate_new_image(type_=source.type, persistent=persistent)
-    return {
-        "type_": source.type,
-        "format_": source.format,
-        "bus": source.bus,
-        "persistent": persistent,
-        "description": source.description if description is None else description,
-        "attributes": dict(source.attributes),
-        "size": source.size,
-        "virtual_size": source.virtual_size,
-        "sha256": source.sha256,
-        "cloning_id": source.id,
-    }
+def new_image(*, actor: Actor, name: str, type_: ImageType, persistent: bool, bus: Bus, format_: DiskFormat,
+              datastore: str, run_id: str | None, upload_id: str | None, **fields) -> Image:
+    """A new image, LOCKED while the operation that makes it runs (owned by `run_id`): the
+    creation rules checked, permissions from the default umask."""
+    validate_new_image(type_=type_, persistent=persistent)
+    validate_name(name)
+    return Image(id=0, name=name, owner=actor.user, group=actor.group, type=type_, persistent=persistent, bus=bus,
+                 format=format_, datastore=datastore, state=fields.pop("state", S.LOCKED),
+                 permissions=0o777 & ~DEFAULT_UMASK, flow_run_id=run_id, upload_id=upload_id, **fields)
+
+
+def new_clone(source: Image, *, actor: Actor, name: str, datastore: str | None, persistent: bool,
+              description: str | None, object_id: str, run_id: str | None,
+              operation: OperationRecord | None) -> Image:
+    """A clone target: LOCKED with CLONING_ID the source, inheriting type, format, bus, sizes and
+    the sha256 (the copy verifies them)."""
+    return new_image(
+        actor=actor, name=name, type_=source.type, persistent=persistent, bus=source.bus, format_=source.format,
+        datastore=datastore or source.datastore, run_id=run_id, upload_id=object_id,
+        description=source.description if description is None else description,
+        attributes=dict(source.attributes), size=source.size, virtual_size=source.virtual_size,
+        sha256=source.sha256, cloning_id=source.id, last_operation=operation,
+    )
 
 
 def clone_resume(target: Image) -> None:
@@ -156,7 +184,7 @@ def clone_resume(target: Image) -> None:
         )
 
 
-def finish_clone(target: Image, source: Image | None, error: str | None) -> tuple[dict | None, dict | None]:
+def finish_clone(target: Image, source: Image | None, error: str | None) -> tuple[Changes | None, Changes | None]:
     """End of a clone (success when `error` is None): the target is unlocked, or goes to ERROR
     with "Error cloning from Image N: ..."; the source is released in both cases. A target that
     left LOCKED meanwhile (force-deleted) only lets go of its source. Returns the changes of
@@ -176,7 +204,7 @@ def finish_clone(target: Image, source: Image | None, error: str | None) -> tupl
 
 # --- VMs -------------------------------------------------------------------------------------
 
-def vm_acquire(image: Image, hot_attach: bool = False) -> dict:
+def vm_acquire(image: Image, hot_attach: bool = False) -> Changes:
     st = image.state
     if st is S.READY:
         return {"state": S.USED_PERS if image.persistent else S.USED, "running_vms": image.running_vms + 1}
@@ -195,7 +223,7 @@ def vm_acquire(image: Image, hot_attach: bool = False) -> dict:
     raise Refused(f"Cannot acquire image {image.id}, it is in state {st.value}.")
 
 
-def vm_release(image: Image, failed: bool = False) -> dict:
+def vm_release(image: Image, failed: bool = False) -> Changes:
     if image.running_vms <= 0:
         raise Refused(f"Image {image.id} has no VM to release.")
     running = image.running_vms - 1
@@ -211,7 +239,7 @@ def vm_release(image: Image, failed: bool = False) -> dict:
 
 # --- delete ----------------------------------------------------------------------------------
 
-def delete(image: Image, *, force: bool, is_admin: bool) -> dict:
+def delete(image: Image, *, force: bool, is_admin: bool) -> Changes:
     st = image.state
     # VMs first, then clones: a non-persistent image being cloned rests in USED with no VM, and
     # its users need to hear about the clones (the reference says "0 VMs using it" there).
@@ -230,16 +258,21 @@ def delete(image: Image, *, force: bool, is_admin: bool) -> dict:
     if st not in (S.INIT, S.READY, S.DISABLED, S.ERROR, S.DELETE, S.LOCKED):
         raise _refuse_state(image, "delete")
     # The name is free again at once: a DELETE row holds no name slot. The run that removes the
-    # objects stamps itself on the row (`pending_run`).
-    return {"state": S.DELETE, "name_slot": None, "flow_run_id": None}
+    # objects takes the image up (`claim`); a forced delete first stops the run it supersedes.
+    superseded = image.flow_run_id if st is S.LOCKED else None
+    if st is S.DELETE and image.last_operation:  # deleting again: what the first had to stop still must stop
+        superseded = image.last_operation.stops_run
+    return {"state": S.DELETE, "name_held": False, "flow_run_id": None,
+            "last_operation": OperationRecord(op=Operation.DELETE, stops_run=superseded)}
 
 
-def delete_failed(image: Image, reason: str) -> dict:
+def delete_failed(image: Image, reason: str) -> Changes:
     """Removing the objects failed: ERROR, and `retry` runs the delete again. The name stays free."""
     if image.state is not S.DELETE:
         raise _refuse_state(image, "mark as failed to delete")
     return {"state": S.ERROR, "error": error_message(f"Error removing image from datastore: {reason}"),
-            "last_operation": {"op": Operation.DELETE.value}}
+            "last_operation": OperationRecord(
+                op=Operation.DELETE, stops_run=image.last_operation.stops_run if image.last_operation else None)}
 
 
 # --- attributes ------------------------------------------------------------------------------
@@ -247,33 +280,42 @@ def delete_failed(image: Image, reason: str) -> dict:
 # Leaving ERROR other than by a retry ends the failed operation (nothing left to retry), and an
 # image whose delete failed takes its name back (refused if another image took it meanwhile).
 # A failed clone that still holds its source (its hooks never ran) must be retried or deleted.
-def _leave_error(image: Image) -> dict:
+def _leave_error(image: Image) -> Changes:
     if image.state is not S.ERROR:
         return {}
     if held_clone_source(image) is not None:
         raise Refused(f"Image {image.id} still holds image {image.cloning_id}, the source of its failed clone: "
                       "`retry` or `delete` it.")
-    return {"error": None, "last_operation": None, "name_slot": image.name}
+    return {"error": None, "last_operation": None, "name_held": True}
 
 
-def enable(image: Image) -> dict:
-    if image.state is S.DISABLED:
-        return {"state": S.READY}
-    if image.state is S.ERROR:
-        return {"state": _released_state(image, image.running_vms, image.cloning_ops), **_leave_error(image)}
-    raise Refused(f"Cannot enable image {image.id}: only DISABLED or ERROR images can be enabled (it is {image.state.value}).")
+def enable(image: Image) -> Changes:
+    """DISABLED -> READY; ERROR -> what the counters say (READY only with no VM and no clone).
+    An image whose bytes never reached its datastore cannot be enabled: nothing would be READY."""
+    if image.state not in (S.DISABLED, S.ERROR):
+        raise Refused(f"Cannot enable image {image.id}: only DISABLED or ERROR images can be enabled "
+                      f"(it is {image.state.value}).")
+    leaving_error = _leave_error(image)
+    if not image.source:
+        raise Refused(f"Cannot enable image {image.id}: its bytes never reached its datastore. "
+                      "`retry` the operation that failed, or `delete` the image.")
+    return {"state": _released_state(image, image.running_vms, image.cloning_ops), **leaving_error}
 
 
-def disable(image: Image) -> dict:
+def disable(image: Image) -> Changes:
     if image.state not in (S.READY, S.ERROR):
         raise Refused(f"Cannot disable image {image.id}: only READY or ERROR images can be disabled (it is {image.state.value}).")
+    if image.running_vms:
+        raise Refused(f"Cannot disable image {image.id}: There are {image.running_vms} VMs using it.")
+    if image.cloning_ops:
+        raise Refused(f"Cannot disable image {image.id}: There are {image.cloning_ops} active clone operations.")
     return {"state": S.DISABLED, **_leave_error(image)}
 
 
 _PERSISTENCY_STATES = (S.INIT, S.READY, S.DISABLED, S.LOCKED, S.ERROR, S.DELETE)
 
 
-def set_persistent(image: Image, persistent: bool) -> dict:
+def set_persistent(image: Image, persistent: bool) -> Changes:
     if image.type is ImageType.CDROM:
         raise Refused(f"Cannot change persistency of image {image.id}: CDROM images are always non-persistent.")
     if image.state in IN_USE_STATES or image.running_vms:
@@ -292,15 +334,15 @@ def validate_name(name: str) -> None:
         raise Refused(f"Invalid image name {name!r}: use 1-255 characters without leading or trailing spaces.")
 
 
-def rename(image: Image, new_name: str) -> dict:
+def rename(image: Image, new_name: str) -> Changes:
     validate_name(new_name)
     if image.state is S.DELETE:
         raise _refuse_state(image, "rename")
-    return {"state": image.state, "name": new_name, "name_slot": new_name}
+    return {"state": image.state, "name": new_name, "name_held": True}
 
 
 def update(image: Image, *, description: str | None = None, set_attributes: dict[str, str] | None = None,
-           unset: list[str] | tuple[str, ...] = ()) -> dict:
+           unset: list[str] | tuple[str, ...] = ()) -> Changes:
     """Change the description and the free attributes (KEY=VALUE); the state stays."""
     if image.state is S.DELETE:
         raise _refuse_state(image, "update")
@@ -313,7 +355,7 @@ def update(image: Image, *, description: str | None = None, set_attributes: dict
         if key not in attributes:
             raise Refused(f"Image {image.id} has no attribute {key!r} to unset.")
         del attributes[key]
-    changes: dict = {"state": image.state, "attributes": attributes}
+    changes: Changes = {"state": image.state, "attributes": attributes}
     if description is not None:
         changes["description"] = description
     return changes
@@ -322,13 +364,13 @@ def update(image: Image, *, description: str | None = None, set_attributes: dict
 _CHTYPE_STATES = (S.INIT, S.READY, S.DISABLED, S.ERROR)
 
 
-def change_type(image: Image, new_type: ImageType) -> dict:
+def change_type(image: Image, new_type: ImageType) -> Changes:
     if image.state not in _CHTYPE_STATES:
         raise Refused(
             f"Cannot change the type of image {image.id} in state {image.state.value}: "
             "it must be READY, DISABLED, INIT or ERROR (not used, locked or cloning)."
         )
-    changes: dict = {"state": image.state, "type": new_type}
+    changes: Changes = {"state": image.state, "type": new_type}
     if new_type is ImageType.CDROM:
         changes["persistent"] = False
     return changes
@@ -372,7 +414,7 @@ def awaits_operation(image: Image) -> bool:
     return image.state in LOCKED_STATES or image.state is S.DELETE
 
 
-def abandon(image: Image, reason: str) -> dict:
+def abandon(image: Image, reason: str) -> Changes:
     """The operation the image waits on ended (or its process died) without moving it: what its
     failure would have done, ERROR with the reason. A clone target that still holds its source
     is finished with `finish_clone` instead, which releases the source in the same transaction."""
@@ -391,14 +433,37 @@ def holds_bytes(image: Image) -> bool:
     return image.state in _SETTLED_STATES and bool(image.source)
 
 
-def object_missing(image: Image, where: str) -> dict:
+def check_staging_target(image: Image | None, run_id: str | None) -> None:
+    """Staged bytes never land on a key a registered image uses: an upload id that belongs to an
+    image may be staged again only to carry on that image's failed or pending upload (a retry),
+    never over the bytes of a settled image nor under another run's operation."""
+    if image is None:
+        return
+    last = image.last_operation
+    carrying_on = (
+        last is not None and last.op is Operation.UPLOAD
+        and (image.state is S.ERROR or (image.state in LOCKED_STATES and image.flow_run_id in (None, run_id)))
+    )
+    if not carrying_on:
+        raise Refused(f"Upload {image.upload_id} already belongs to image {image.id} ({image.state.value}): "
+                      "nothing was staged; start a new upload.")
+
+
+def check_export(image: Image) -> None:
+    """Bytes leave only when they are settled in the datastore (never while an operation moves them)."""
+    if not holds_bytes(image):
+        raise Refused(f"Image {image.id} is {image.state.value}: its bytes are not settled in its datastore, "
+                      "so there is nothing to export yet.")
+
+
+def object_missing(image: Image, where: str) -> Changes:
     """The image's object is gone from its datastore."""
     if image.state not in _SETTLED_STATES:
         raise _refuse_state(image, "mark as missing its object")
     return {"state": S.ERROR, "error": error_message(f"The image object {where} is missing from the datastore")}
 
 
-def checksum_mismatch(image: Image, found_sha256: str) -> dict:
+def checksum_mismatch(image: Image, found_sha256: str) -> Changes:
     """Scrub re-hashed a READY image and found other bytes than those recorded."""
     if image.state is not S.READY:
         raise _refuse_state(image, "mark as damaged")

@@ -6,10 +6,27 @@ import getpass
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+
+# Floors of reconcile's limits: only the admin group may ask a reconcile run for less.
+# Staging TTL: an upload is recorded before its first byte and registered after its last byte has
+# been inspected; staging plus inspection of a large image over a slow link takes many minutes, so an
+# hour leaves room for an upload in flight while still letting an operator clear staging the same day.
+STAGING_TTL_FLOOR_HOURS = 1.0
+# Stale run: a live run sends a heartbeat every heartbeat_seconds (Prefect's minimum, 30 s); below two
+# missed heartbeats a slow but live run would be judged dead and its image moved to ERROR under it.
+STALE_RUN_FLOOR_SECONDS = 60
+
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+# S3 multipart uploads (every datastore): at most 10,000 parts of at most 5 GiB. Transfers use at
+# most S3_PARTS of them (a margin), so one object (a raw image is one) holds at most S3_MAX_OBJECT.
+S3_MAX_PART = 5 * GiB
+S3_PARTS = 9_000
+S3_MAX_OBJECT = S3_PARTS * S3_MAX_PART
 
 
 class Settings(BaseSettings):
@@ -42,25 +59,48 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(default=4, ge=1)
     queued_parts: int = Field(default=4, ge=1)
     stream_chunk: int = Field(default=1 * MiB, ge=64 * 1024)
-    staging_ttl_hours: float = Field(default=24.0, gt=0)
+    max_virtual_size: int = Field(
+        default=64 * TiB, gt=0,
+        description="Largest virtual size (bytes) an image may have: an uploaded image whose header "
+        "claims more, or `create --size` above it, is refused.",
+    )
+    staging_ttl_hours: float = Field(
+        default=24.0, ge=STAGING_TTL_FLOOR_HOURS,
+        description="Reconcile removes a recorded upload never registered (and staged bytes no image uses "
+        "any more) once this old; objects no staging record or image knows are only reported.",
+    )
     remote: bool = Field(
         default=False, description="Send operations through the Prefect deployments (worker)."
     )
     # The platform: work pool, worker and the maintenance schedules (seconds; 0 = no schedule).
     work_pool: str = Field(default="hcx-process", description="Process work pool of the deployments.")
     worker_poll_seconds: float = Field(default=2.0, gt=0, description="How often the worker asks for runs.")
-    reconcile_interval: int = Field(default=300, ge=0)
-    monitor_interval: int = Field(default=300, ge=0)
-    scrub_interval: int = Field(default=86400, ge=0)
+    reconcile_every: int = Field(default=300, ge=0, description="Seconds between scheduled reconcile runs.")
+    monitor_every: int = Field(default=300, ge=0, description="Seconds between scheduled monitor runs.")
+    scrub_every: int = Field(default=86400, ge=0, description="Seconds between scheduled scrub runs.")
     heartbeat_seconds: int = Field(
         default=30, ge=30, description="Flow-run heartbeat of the runs we start (Prefect's minimum is 30)."
     )
     stale_run_seconds: int = Field(
-        default=120, gt=0,
-        description="A RUNNING flow run with no heartbeat for this long has lost its process: reconcile "
-        "marks it CRASHED. Keep it above heartbeat_seconds (runners started elsewhere must use "
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY <= this / 2).",
+        default=90, ge=STALE_RUN_FLOOR_SECONDS,
+        description="A RUNNING flow run with no heartbeat for this long has lost its process: the zombie-run "
+        "automation that `hcx-image up` creates marks it CRASHED (its `within`). Keep it above "
+        "heartbeat_seconds (runners started elsewhere must set PREFECT_FLOWS_HEARTBEAT_FREQUENCY below it).",
     )
+    @field_validator("stale_run_seconds")
+    @classmethod
+    def _outlives_a_heartbeat(cls, value: int, info: ValidationInfo) -> int:
+        beat = info.data.get("heartbeat_seconds", 30)
+        if value <= beat:
+            raise ValueError(f"HCX_STALE_RUN_SECONDS ({value}) must be above HCX_HEARTBEAT_SECONDS ({beat}), or "
+                             "every live flow run would be marked CRASHED between two heartbeats; raise it.")
+        return value
+
+    stop_run_seconds: int = Field(
+        default=30, gt=0,
+        description="How long a forced delete waits for the run it superseded to stop before it retries.",
+    )
+
     # Ports of the embedded stack; 0 means "pick a free port at `hcx-image up`".
     s3_port: int = 0
     prefect_port: int = 0

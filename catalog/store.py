@@ -1,9 +1,13 @@
-"""The image state table (SQLite by default, PostgreSQL by URL) and its one way to change state.
+"""The image state table (SQLite by default, PostgreSQL by URL): it only persists.
 
-Every state change goes through `Catalog.transition`: read the row, let a rule of
-`catalog.rules` compute the new fields, then `UPDATE ... WHERE id = ? AND version = ?` together
-with the history row, in one transaction. Two racing requests can never both win: the loser
-re-reads and the rule decides again (it may now refuse).
+Every write goes through `Catalog.commit`: a plan (a function of `catalog.operations`, or a single
+rule through `Catalog.transition`) reads the rows it needs and returns the steps to take (new
+images, moves computed by the rules of `catalog.rules`, a row removal); all of them are written in
+one transaction, each move as `UPDATE ... WHERE id = ? AND version = ? [AND flow_run_id = owner]`
+with its history row, each checked against the lifecycle table and invariants
+(`catalog.lifecycle`). Two racing requests can never both win: the loser re-reads and the plan
+decides again (it may now refuse). New images are counted against their datastore's capacity
+while its accounting row is locked, so concurrent registrations cannot overrun it.
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ from pathlib import Path
 from typing import Callable
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
-from catalog import rules
+from catalog import lifecycle, rules
 from catalog.model import (
     Bus,
+    Changes,
     ConcurrentChange,
     DiskFormat,
     Image,
     ImageState,
     ImageType,
     NotFound,
+    OperationRecord,
     Refused,
     utcnow,
 )
@@ -74,13 +82,23 @@ images = sa.Table(
     sqlite_autoincrement=True,
 )
 
+# One row per datastore, locked (UPDATE) by every transaction that adds bytes to the datastore,
+# so the capacity check and the insert it guards run one at a time per datastore on PostgreSQL
+# (READ COMMITTED would let two checks read the same sum) and on SQLite alike.
+datastore_accounts = sa.Table(
+    "datastore_accounts",
+    metadata,
+    sa.Column("datastore", sa.String(128), primary_key=True),
+    sa.Column("writes", sa.BigInteger, nullable=False, default=0),
+)
+
 history = sa.Table(
     "image_history",
     metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("image_id", sa.Integer, nullable=False, index=True),
     sa.Column("from_state", sa.String(24)),
-    sa.Column("to_state", sa.String(24), nullable=False),
+    sa.Column("to_state", sa.String(24)),  # NULL: the row was removed (its objects are gone)
     sa.Column("flow_run_id", sa.String(64)),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("message", sa.Text, nullable=False, default=""),
@@ -92,15 +110,26 @@ _MAX_CAS_ATTEMPTS = 200
 
 def _row_to_image(row: sa.Row) -> Image:
     data = dict(row._mapping)
-    data.pop("name_slot")
+    data["name_held"] = data.pop("name_slot") is not None
     for name, enum_type in _ENUM_FIELDS.items():
         if data[name] is not None:
             data[name] = enum_type(data[name])
+    data["last_operation"] = OperationRecord.from_json(data["last_operation"])
     return Image(**data)
 
 
 def _to_column(value):
+    if isinstance(value, OperationRecord):
+        return value.to_json()
     return value.value if hasattr(value, "value") and not isinstance(value, int) else value
+
+
+def _columns(image: Image) -> dict:
+    """The row values of an image (all but id, version and timestamps)."""
+    values = {name: _to_column(getattr(image, name)) for name in images.c.keys()
+              if name not in ("id", "name_slot", "version", "created_at", "updated_at", "prev_state")}
+    values["name_slot"] = image.name if image.name_held else None
+    return values
 
 
 def _make_engine(url: str) -> sa.Engine:
@@ -121,6 +150,48 @@ def _make_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+# --- the steps of a plan ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Move:
+    """One row's part of a plan: the image as read, the changes a rule computed, the history message,
+    and `owner`: the flow run that must still own the image for the write to happen (its fence)."""
+
+    image: Image
+    changes: Changes
+    message: str
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """A row to insert (`image.id` is ignored), counted against `limit_bytes` of its datastore
+    (None: unchecked). A move of the same plan refers to its id as `NEW_IMAGE_ID`."""
+
+    image: Image
+    message: str
+    limit_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Removal:
+    """Drop a DELETE row whose objects are gone, fenced by the run that owns it."""
+
+    image: Image
+    message: str
+    owner: str | None = None
+
+
+Step = Move | NewImage | Removal
+Reader = Callable[[int], "Image | None"]
+NEW_IMAGE_ID = -1  # in a Move's changes: the id the plan's NewImage gets
+NEW_IMAGE_MARK = "{new_image}"  # in a Move's message: the same id
+
+
+class _Stale(Exception):
+    """A compare-and-set lost the race: re-read and decide again."""
+
+
 class Catalog:
     def __init__(self, url: str):
         self.engine = _make_engine(url)
@@ -129,11 +200,14 @@ class Catalog:
     # --- reading ---------------------------------------------------------------------------
 
     def get(self, image_id: int) -> Image:
+        if (image := self.find(image_id)) is None:
+            raise NotFound(f"Image {image_id} does not exist: `hcx-image list` shows the images you can see.")
+        return image
+
+    def find(self, image_id: int) -> Image | None:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(images).where(images.c.id == image_id)).first()
-        if row is None:
-            raise NotFound(f"Image {image_id} does not exist: `hcx-image list` shows the images you can see.")
-        return _row_to_image(row)
+        return _row_to_image(row) if row else None
 
     def get_for(self, actor: Actor, image_id: int, right: Right) -> Image:
         image = self.get(image_id)
@@ -173,10 +247,13 @@ class Catalog:
 
     def used_bytes(self, datastore: str) -> int:
         with self.engine.connect() as conn:
-            total = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.sum(images.c.size), 0)).where(images.c.datastore == datastore)
-            ).scalar_one()
-        return int(total)
+            return self._used(conn, datastore)
+
+    @staticmethod
+    def _used(conn: sa.Connection, datastore: str) -> int:
+        return int(conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(images.c.size), 0)).where(images.c.datastore == datastore)
+        ).scalar_one())
 
     def name_owner(self, owner: str, name: str) -> Image | None:
         with self.engine.connect() as conn:
@@ -185,8 +262,6 @@ class Catalog:
             ).first()
         return _row_to_image(row) if row else None
 
-    # --- writing ---------------------------------------------------------------------------
-
     def check_name_free(self, owner: str, name: str, *, upload_id: str | None = None) -> None:
         holder = self.name_owner(owner, name)
         if holder is not None and (upload_id is None or holder.upload_id != upload_id):
@@ -194,274 +269,141 @@ class Catalog:
 
     def check_new_image(self, actor: Actor, *, name: str, type_: ImageType, persistent: bool,
                         upload_id: str | None = None) -> None:
-        """Refuse a creation that breaks a rule, before any byte moves (register re-checks atomically)."""
+        """Refuse a creation that breaks a rule, before any byte moves (the insert re-checks atomically)."""
         rules.validate_new_image(type_=type_, persistent=persistent)
         rules.validate_name(name)
         self.check_name_free(actor.user, name, upload_id=upload_id)
 
     def check_capacity(self, actor: Actor, *, datastore: str, limit_bytes: int | None, required: int,
                        skip: bool = False) -> None:
-        """Refuse an image that does not fit its datastore, before anything is written (register
-        and begin_clone check again inside their transaction)."""
+        """Refuse an image that does not fit its datastore, before anything is written (the insert
+        checks again while it holds the datastore's accounting lock)."""
         limit = rules.capacity_limit(limit_bytes, skip=skip, is_admin=actor.is_admin)
         rules.check_capacity(datastore=datastore, limit=limit, used=self.used_bytes(datastore), required=required)
 
-    @staticmethod
-    def _new_row(*, actor: Actor, name: str, type_: ImageType, persistent: bool, bus: Bus, format_: DiskFormat,
-                 datastore: str, state: ImageState, flow_run_id: str | None, upload_id: str | None,
-                 **fields) -> dict:
-        rules.validate_new_image(type_=type_, persistent=persistent)
-        rules.validate_name(name)
-        now = utcnow()
-        return {
-            "name": name,
-            "name_slot": name,
-            "owner": actor.user,
-            "group": actor.group,
-            "permissions": 0o600,
-            "type": type_.value,
-            "persistent": persistent,
-            "bus": bus.value,
-            "format": format_.value,
-            "datastore": datastore,
-            "state": state.value,
-            "description": fields.pop("description", "") or "",
-            "attributes": fields.pop("attributes", None) or {},
-            "running_vms": 0,
-            "cloning_ops": 0,
-            "snapshots": 0,
-            "flow_run_id": flow_run_id,
-            "upload_id": upload_id,
-            "version": 0,
-            "created_at": now,
-            "updated_at": now,
-            **fields,
-        }
+    # --- writing: one transaction per plan -------------------------------------------------
 
-    @staticmethod
-    def _insert(conn: sa.Connection, values: dict, *, message: str) -> int:
-        image_id = conn.execute(images.insert().values(**values)).inserted_primary_key[0]
-        conn.execute(history.insert().values(
-            image_id=image_id, from_state=None, to_state=values["state"],
-            flow_run_id=values["flow_run_id"], at=values["created_at"], message=message,
-        ))
-        return image_id
-
-    @staticmethod
-    def _still_fits(conn: sa.Connection, datastore: str, limit_bytes: int | None, required: int) -> None:
-        """The capacity rule again, inside the transaction that just inserted the new row."""
-        if limit_bytes is None:
-            return
-        used = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(images.c.size), 0)).where(images.c.datastore == datastore)
-        ).scalar_one()
-        rules.check_capacity(datastore=datastore, limit=limit_bytes, used=int(used) - required, required=required)
-
-    def register(
-        self,
-        *,
-        actor: Actor,
-        name: str,
-        type_: ImageType,
-        persistent: bool,
-        bus: Bus,
-        format_: DiskFormat,
-        datastore: str,
-        state: ImageState = ImageState.LOCKED,
-        flow_run_id: str | None = None,
-        upload_id: str | None = None,
-        message: str = "registered",
-        limit_bytes: int | None = None,
-        **fields,
-    ) -> Image:
-        """Insert a new image (LOCKED while its file operation runs). Idempotent per upload_id:
-        re-sending the same upload returns the image it already registered. With `limit_bytes`,
-        an image whose `size` does not fit the datastore is refused and nothing is written."""
-        if upload_id:
-            existing = self.find_by_upload_id(upload_id)
-            if existing is not None:
-                return existing
-        values = self._new_row(actor=actor, name=name, type_=type_, persistent=persistent, bus=bus,
-                               format_=format_, datastore=datastore, state=state, flow_run_id=flow_run_id,
-                               upload_id=upload_id, **fields)
-        try:
-            with self.engine.begin() as conn:
-                image_id = self._insert(conn, values, message=message)
-                self._still_fits(conn, datastore, limit_bytes, values.get("size") or 0)
-        except SqlIntegrityError:
-            if upload_id and (existing := self.find_by_upload_id(upload_id)):
-                return existing
-            self.check_name_free(actor.user, name)
-            raise
-        return self.get(image_id)
-
-    def begin_clone(self, *, actor: Actor, source_id: int, name: str, datastore: str | None, persistent: bool,
-                    description: str | None, object_id: str, flow_run_id: str | None = None,
-                    limit_bytes: int | None = None, last_operation: dict | None = None) -> Image:
-        """Register the clone target LOCKED (its `cloning_id` the source) and take the source
-        (CLONING_OPS+1, its `cloning_id` the target) in one transaction: both happen or neither.
-        Idempotent per object_id: a re-run finds the target it registered."""
-        existing = self.find_by_upload_id(object_id)
-        if existing is not None:
-            rules.clone_resume(existing)
-            return existing
+    def commit(self, plan: Callable[[Reader], list[Step]], *, writer: str | None = None) -> list[Image | None]:
+        """Write the steps `plan(read)` returns, all in one transaction; `writer` is the flow run
+        recorded in the history rows. A plan may refuse (nothing is written); a lost race runs it
+        again on fresh rows. Returns each step's row as written (None for a removal)."""
         for _ in range(_MAX_CAS_ATTEMPTS):
-            source = self.get(source_id)
-            require(actor, source, Right.USE)
-            inherited = rules.clone_target(source, persistent=persistent, description=description)
-            values = self._new_row(actor=actor, name=name, datastore=datastore or source.datastore,
-                                   state=ImageState.LOCKED, flow_run_id=flow_run_id, upload_id=object_id,
-                                   last_operation=last_operation, **inherited)
+            steps = plan(self.find)
             try:
                 with self.engine.begin() as conn:
-                    target_id = self._insert(conn, values, message=f"cloning from image {source.id}")
-                    self._still_fits(conn, values["datastore"], limit_bytes, values.get("size") or 0)
-                    self._cas(conn, source, rules.clone_source_acquire(source, target_id),
-                              flow_run_id=flow_run_id, message=f"clone to image {target_id} started")
+                    ids = self._write(conn, steps, writer)
             except _Stale:
                 continue
             except SqlIntegrityError:
-                if (found := self.find_by_upload_id(object_id)) is not None:
-                    rules.clone_resume(found)
-                    return found
-                self.check_name_free(actor.user, name)
-                raise
-            return self.get(target_id)
-        raise ConcurrentChange(f"Image {source_id} kept changing under this clone request; try again.")
+                raise self._name_taken(steps) from None
+            return [self.find(i) if i is not None else None for i in ids]
+        raise ConcurrentChange(
+            f"Image {', '.join(str(s.image.id) for s in steps)} kept changing under this request; try again.")
 
-    def finish_clone(self, target_id: int, *, error: str | None, flow_run_id: str | None = None) -> Image | None:
-        """End a clone (`error` None: success) with `rules.finish_clone`: the target unlocked or in
-        ERROR and its source released, in one transaction. Idempotent: a finished clone is left alone."""
+    def transition(self, image_id: int, rule: Callable[..., Changes], *args, owner: str | None = None,
+                   writer: str | None = None, message: str = "",
+                   expect: Callable[[Image], None] | None = None, **kwargs) -> Image:
+        """Apply one rule, `rule(image, *args, **kwargs)`, to one image; `expect` may refuse first
+        (e.g. a permission check) and `owner` fences the write. Both run on every attempt."""
 
-        def plan(read: Callable[[int], Image | None]) -> list[Move]:
-            target = read(target_id)
-            if target is None:
-                return []
-            source_id = rules.held_clone_source(target)
-            source = read(source_id) if source_id is not None else None
-            target_changes, source_changes = rules.finish_clone(target, source, error)
-            outcome = "clone succeeded" if error is None else f"clone failed: {error}"
-            moves = [Move(target, target_changes, outcome)] if target_changes else []
-            if source is not None and source_changes:
-                moves.append(Move(source, source_changes, f"clone to image {target_id} ended"))
-            return moves
-
-        self.transition_all(plan, flow_run_id=flow_run_id)
-        return self.find(target_id)
-
-    def find(self, image_id: int) -> Image | None:
-        try:
-            return self.get(image_id)
-        except NotFound:
-            return None
-
-    def _cas(self, conn: sa.Connection, image: Image, changes: dict, *, flow_run_id: str | None,
-             message: str) -> None:
-        """One compare-and-set on the row's version, with its history row; raises _Stale if the
-        row moved since `image` was read (the caller's transaction then rolls back)."""
-        new_state: ImageState = changes["state"]
-        values = {k: _to_column(v) for k, v in changes.items()}
-        if new_state is not image.state:
-            values["prev_state"] = image.state.value
-        now = utcnow()
-        values.update(version=image.version + 1, updated_at=now)
-        if flow_run_id:
-            values["flow_run_id"] = flow_run_id
-        updated = conn.execute(
-            images.update().where(images.c.id == image.id, images.c.version == image.version).values(**values)
-        ).rowcount
-        if updated != 1:
-            raise _Stale()
-        conn.execute(history.insert().values(
-            image_id=image.id, from_state=image.state.value, to_state=new_state.value,
-            flow_run_id=flow_run_id, at=now, message=message,
-        ))
-
-    def transition_all(self, plan: Callable[[Callable[[int], Image | None]], list["Move"]], *,
-                       flow_run_id: str | None = None) -> list[Image]:
-        """Apply several rules atomically: `plan(read)` reads the rows it needs through `read` (None
-        for a missing row) and returns a Move per row to change (a rule may refuse: nothing is
-        written). All compare-and-sets commit together, or the plan runs again on fresh rows."""
-        for _ in range(_MAX_CAS_ATTEMPTS):
-            moves = plan(self.find)
-            try:
-                with self.engine.begin() as conn:
-                    for move in moves:
-                        self._cas(conn, move.image, move.changes, flow_run_id=flow_run_id, message=move.message)
-            except _Stale:
-                continue
-            except SqlIntegrityError:
-                named = next((m for m in moves if m.changes.get("name_slot")), None)
-                holder = self.name_owner(named.image.owner, named.changes["name_slot"]) if named else None
-                raise Refused(
-                    f"NAME is already taken by IMAGE {holder.id if holder else '?'}: choose another name."
-                ) from None
-            return [self.get(move.image.id) for move in moves]
-        ids = ", ".join(str(m.image.id) for m in moves)
-        raise ConcurrentChange(f"Image {ids} kept changing under this request; try again.")
-
-    def transition(
-        self,
-        image_id: int,
-        rule: Callable[..., dict],
-        *args,
-        flow_run_id: str | None = None,
-        message: str = "",
-        expect: Callable[[Image], None] | None = None,
-        **kwargs,
-    ) -> Image:
-        """Apply `rule(image, *args, **kwargs)` atomically; `expect` may refuse first (e.g. a
-        permission check) and is re-run on every attempt against the fresh row."""
-
-        def plan(_read) -> list[Move]:
+        def plan(read: Reader) -> list[Step]:
             image = self.get(image_id)
             if expect is not None:
                 expect(image)
-            return [Move(image, rule(image, *args, **kwargs), message or rule.__name__.replace("_", " "))]
+            rules.owned_by(image, owner)
+            return [Move(image, rule(image, *args, **kwargs), message or rule.__name__.replace("_", " "), owner)]
 
-        return self.transition_all(plan, flow_run_id=flow_run_id)[0]
+        return self.commit(plan, writer=writer)[0]
 
-    def remove(self, image_id: int, *, flow_run_id: str | None = None) -> None:
-        """Drop the row of an image whose objects are gone (only from DELETE). A clone target
-        force-deleted while it held its source lets go of it in the same transaction."""
-        for _ in range(_MAX_CAS_ATTEMPTS):
-            image = self.find(image_id)
-            if image is None or image.state is not ImageState.DELETE:
-                return
-            source_id = rules.held_clone_source(image)
-            source = self.find(source_id) if source_id is not None else None
-            try:
-                with self.engine.begin() as conn:
-                    gone = conn.execute(images.delete().where(
-                        images.c.id == image_id, images.c.state == ImageState.DELETE.value,
-                        images.c.version == image.version,
-                    )).rowcount
-                    if gone != 1:
-                        raise _Stale()
-                    conn.execute(history.insert().values(
-                        image_id=image_id, from_state=ImageState.DELETE.value, to_state="GONE",
-                        flow_run_id=flow_run_id, at=utcnow(), message="objects removed, row deleted",
-                    ))
-                    if source is not None:
-                        self._cas(conn, source, rules.clone_source_release(source), flow_run_id=flow_run_id,
-                                  message=f"clone to image {image_id} ended: the clone was deleted")
-            except _Stale:
-                continue
-            return
-        raise ConcurrentChange(f"Image {image_id} kept changing while its row was removed; try again.")
+    def _write(self, conn: sa.Connection, steps: list[Step], writer: str | None) -> list[int | None]:
+        now = utcnow()
+        new_id = None
+        written: list[int | None] = []
+        for step in steps:
+            if isinstance(step, NewImage):
+                new_id = self._insert(conn, step, writer, now)
+                written.append(new_id)
+            elif isinstance(step, Move):
+                changes = {k: (new_id if v == NEW_IMAGE_ID and k == "cloning_id" else v)
+                           for k, v in step.changes.items()}
+                message = step.message.replace(NEW_IMAGE_MARK, str(new_id)) if new_id else step.message
+                self._cas(conn, step.image, changes, step.owner, writer, message, now)
+                written.append(step.image.id)
+            else:
+                self._remove(conn, step, writer, now)
+                written.append(None)
+        return written
 
+    def _lock_account(self, conn: sa.Connection, datastore: str) -> None:
+        """Take the datastore's accounting row lock for the rest of the transaction."""
+        insert = (postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert)(datastore_accounts)
+        conn.execute(insert.values(datastore=datastore, writes=0).on_conflict_do_nothing())
+        conn.execute(datastore_accounts.update().where(datastore_accounts.c.datastore == datastore)
+                     .values(writes=datastore_accounts.c.writes + 1))
 
-class _Stale(Exception):
-    """A compare-and-set lost the race: re-read and decide again."""
+    def _insert(self, conn: sa.Connection, step: NewImage, writer: str | None, now) -> int:
+        image = step.image
+        lifecycle.check_transition(None, image.state)
+        lifecycle.check_invariants(image, holds_name=image.name_held)
+        self._lock_account(conn, image.datastore)
+        if step.limit_bytes is not None:
+            rules.check_capacity(datastore=image.datastore, limit=step.limit_bytes,
+                                 used=self._used(conn, image.datastore), required=image.size or 0)
+        values = {**_columns(image), "version": 0, "created_at": now, "updated_at": now}
+        image_id = conn.execute(images.insert().values(**values)).inserted_primary_key[0]
+        conn.execute(history.insert().values(image_id=image_id, from_state=None, to_state=image.state.value,
+                                             flow_run_id=writer, at=now, message=step.message))
+        return image_id
 
+    def _cas(self, conn: sa.Connection, image: Image, changes: Changes, owner: str | None, writer: str | None,
+             message: str, now) -> None:
+        """One compare-and-set on the row's version (and owning run), with its history row; raises
+        _Stale if the row moved since `image` was read (the transaction then rolls back)."""
+        after = image.with_changes(**changes)
+        lifecycle.check_transition(image.state, after.state)
+        lifecycle.check_invariants(after, holds_name=after.name_held)
+        columns = _columns(after)
+        values = {k: columns[k] for k in changes if k in columns}
+        if "name_held" in changes or "name" in changes:
+            values["name_slot"] = columns["name_slot"]
+        if after.state is not image.state:
+            values["prev_state"] = image.state.value
+        values.update(version=image.version + 1, updated_at=now)
+        where = [images.c.id == image.id, images.c.version == image.version]
+        if owner is not None:
+            where.append(images.c.flow_run_id == owner)
+        if conn.execute(images.update().where(*where).values(**values)).rowcount != 1:
+            raise _Stale()
+        conn.execute(history.insert().values(image_id=image.id, from_state=image.state.value,
+                                             to_state=after.state.value, flow_run_id=writer, at=now,
+                                             message=message))
 
-@dataclass(frozen=True)
-class Move:
-    """One row's part of a transition: the image as read, the changes a rule computed, the history message."""
+    def _remove(self, conn: sa.Connection, step: Removal, writer: str | None, now) -> None:
+        image = step.image
+        if image.state is not ImageState.DELETE:
+            raise lifecycle.BrokenInvariant(f"Image {image.id} is {image.state.value}: only a DELETE row is removed.")
+        where = [images.c.id == image.id, images.c.version == image.version]
+        if step.owner is not None:
+            where.append(images.c.flow_run_id == step.owner)
+        if conn.execute(images.delete().where(*where)).rowcount != 1:
+            raise _Stale()
+        conn.execute(history.insert().values(image_id=image.id, from_state=image.state.value, to_state=None,
+                                             flow_run_id=writer, at=now, message=step.message))
 
-    image: Image
-    changes: dict
-    message: str
+    def _name_taken(self, steps: list[Step]) -> Refused:
+        """A unique constraint refused the write: say which image holds the name (or upload id)."""
+        for step in steps:
+            image = step.image
+            if isinstance(step, NewImage) and image.upload_id:
+                if (holder := self.find_by_upload_id(image.upload_id)) is not None:
+                    return Refused(f"Upload {image.upload_id} already belongs to image {holder.id}: "
+                                   "start a new upload.")
+            if isinstance(step, (NewImage, Move)):
+                name = step.changes.get("name", image.name) if isinstance(step, Move) else image.name
+                if (holder := self.name_owner(image.owner, name)) is not None:
+                    return Refused(f"NAME is already taken by IMAGE {holder.id}: choose another name "
+                                   f"or delete image {holder.id}.")
+        return Refused("The catalog refused the change (a name or upload id is taken): try again.")
 
 
 @lru_cache

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import sys
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, TypeVar
+from uuid import UUID
 
 import typer
-from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.flow_runs import wait_for_flow_run
 from rich.console import Console
 from rich.progress import (
     BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
@@ -81,8 +83,9 @@ def image_table(images: list[Image]) -> Table:
 
 def report_new_image(object_id: str, flow_run_id: str, *, wait: bool, remote: bool) -> None:
     """Say which flow run makes the new image (object id `object_id`), then its id as soon as it is
-    recorded; with `wait`, follow it until it settles (exit 0 on READY, 1 on ERROR). A run sent to a
-    worker (`remote`) without `wait` is not followed: the worker registers the image when it starts."""
+    recorded; with `wait`, follow it until it settles (exit 0 on READY, 1 on ERROR). A run that
+    ends without recording the image exits 1 with what happened. A run sent to a worker (`remote`)
+    without `wait` is not followed: the worker registers the image when it starts."""
     console.print(f"FLOW RUN: {flow_run_id}")
     if remote and not wait:
         return
@@ -100,57 +103,78 @@ def report_new_image(object_id: str, flow_run_id: str, *, wait: bool, remote: bo
     console.print(f"image {image.id} is {image.state.value}")
 
 
-TERMINAL_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def flow_run_outcome(flow_run_id: str) -> tuple[str | None, str]:
-    """(state type if the run has ended else None, its message)."""
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run_id)
-    state_type = run.state.type.value if run.state else None
-    message = (run.state.message or "") if run.state else ""
-    return (state_type if state_type in TERMINAL_RUN_STATES else None), message
+def _wait_for_run(flow_run_id: str) -> FlowRun:
+    """Prefect's own wait (`prefect.flow_runs.wait_for_flow_run`, on the run's state events) for
+    the run to end. It ends: a run whose process dies is marked CRASHED by the zombie-run
+    automation (flows/platform.py) within HCX_STALE_RUN_SECONDS."""
+    return wait_for_flow_run(UUID(flow_run_id), timeout=None)
 
 
 def follow_flow_run(outcome: Callable[[], T | None], flow_run_id: str, *,
-                    give_up: Callable[[float, str, str], None], poll: float = 0.2) -> T:
-    """Poll `outcome()` until it has a result (it may raise to end the wait). The run's state is
-    read about once a second; once the run has ended, `give_up(seconds since, final state, its
-    message)` is called at every poll and raises when the hooks have had time enough."""
-    last_check, ended_at, ended, message = 0.0, None, None, ""
-    while True:
-        found = outcome()
-        if found is not None:
-            return found
-        now = time.monotonic()
-        if ended_at is None and now - last_check > 1.0:
-            last_check = now
-            ended, message = flow_run_outcome(flow_run_id)
-            if ended is not None:
-                ended_at = now
-        if ended_at is not None:
-            give_up(now - ended_at, ended, _clean_run_message(message))
-        time.sleep(poll)
+                    grace: Callable[[FlowRun], float] = lambda run: 0.0,
+                    poll: float = 0.2) -> tuple[T | None, FlowRun | None]:
+    """Wait until `outcome()` (a catalog read; it may raise to end the wait) has a result, or the
+    flow run has ended and `grace(run)` seconds more passed without one (its hooks, or the crash
+    automation's reconcile, may still be moving the catalog). Returns (result or None, the ended
+    run or None when `outcome` answered first)."""
+
+    async def follow() -> tuple[T | None, FlowRun | None]:
+        loop = asyncio.get_running_loop()
+        ended = asyncio.ensure_future(_wait_for_run(flow_run_id))
+        give_up_at: float | None = None
+        try:
+            while True:
+                found = outcome()
+                if found is not None:
+                    return found, ended.result() if ended.done() and not ended.cancelled() else None
+                if not ended.done():
+                    await asyncio.wait({ended}, timeout=poll)
+                    continue
+                run = ended.result()
+                give_up_at = give_up_at or loop.time() + grace(run)
+                if loop.time() >= give_up_at:
+                    return None, run
+                await asyncio.sleep(poll)
+        finally:
+            ended.cancel()
+            await asyncio.gather(ended, return_exceptions=True)
+
+    return asyncio.run(follow())
 
 
-def wait_for_image(find: Callable[[], Image | None], flow_run_id: str, *, until_settled: bool,
-                   hook_grace: float = 15.0) -> Image:
+def run_outcome(run: FlowRun) -> tuple[str, str]:
+    """(the run's final state type, its message as a user should read it)."""
+    state = run.state
+    return (state.type.value if state else "UNKNOWN"), _clean_run_message((state.message or "") if state else "")
+
+
+def hook_grace(run: FlowRun) -> float:
+    """How long an ended run's hooks get to move the image: a crashed run's hooks are run by the
+    crash automation's reconcile on the worker, the others' by the run's own process at its end."""
+    return 90.0 if run.state and run.state.type is StateType.CRASHED else 15.0
+
+
+def wait_for_image(find: Callable[[], Image | None], flow_run_id: str, *, until_settled: bool) -> Image:
     """Wait until the run has recorded its image (and, with until_settled, left LOCKED/DELETE).
-    A run that ends without an image raises its failure; one whose hooks never moved the image
-    (a crash) raises what the run said."""
+    A run that ends without an image raises what happened and what to do; one whose hooks never
+    moved the image raises what the run said."""
 
     def outcome() -> Image | None:
         image = find()
         return image if image is not None and (not until_settled or image.state not in _BUSY_STATES) else None
 
-    def give_up(waited: float, ended: str, message: str) -> None:
-        image = find()
-        if image is None and waited > 2.0:
-            raise HcxError(message or f"flow run {flow_run_id} ended {ended}")
-        if image is not None and waited > hook_grace:
-            raise HcxError(f"image {image.id} is still {image.state.value} but its flow run ended {ended}: {message}")
-
-    return follow_flow_run(outcome, flow_run_id, give_up=give_up)
+    image, run = follow_flow_run(outcome, flow_run_id, grace=hook_grace if until_settled else lambda run: 0.0)
+    if image is not None:
+        return image
+    ended, message = run_outcome(run)
+    image = find()
+    if image is None:
+        if ended == "FAILED" and message:  # a refusal: the message says what was wrong
+            raise HcxError(message)
+        raise HcxError(f"the flow run {run.name} ({flow_run_id}) ended {ended} before it registered the image: "
+                       f"{(message or 'no message').rstrip('.')}. Nothing was registered; run the command again.")
+    raise HcxError(f"image {image.id} is still {image.state.value} but its flow run ended {ended}: "
+                   f"{message.rstrip('.')}. `hcx-image reconcile --wait` settles it.")
 
 
 _BUSY_STATES = {ImageState.LOCKED, ImageState.LOCKED_USED, ImageState.LOCKED_USED_PERS, ImageState.DELETE}

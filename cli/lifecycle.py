@@ -22,12 +22,13 @@ from catalog.model import (
 )
 from catalog.permissions import Right
 from catalog.requests import (
-    CloneRequest, CreateEmptyRequest, DeleteRequest, UploadRequest, rerun_request,
+    CloneRequest, CreateEmptyRequest, DeleteRequest, UploadRequest, check_empty_size, rerun_request,
 )
 from catalog.settings import get_settings
+from catalog.staging import open_staging
 from cli.common import (
-    acting_user, catalog, console, follow_flow_run, refusals_exit_1, report_new_image, transfer_bar,
-    wait_for_image,
+    acting_user, catalog, console, follow_flow_run, hook_grace, refusals_exit_1, report_new_image, run_outcome,
+    transfer_bar, wait_for_image,
 )
 from cli.main import app  # cli.main imports this module once `app` exists, so the verbs register on it
 from cli.runtime import running_platform
@@ -84,10 +85,10 @@ def delete(
         image = operations.delete(catalog(), actor, image_id, force=force)
         request = DeleteRequest(owner=actor.user, group=actor.group, image_id=image_id, force=force)
         flow_run_id = submit("delete", {"request": request.model_dump(mode="json")}, remote=remote)
-    _said(image, ", its name free again,")
-    console.print(f"FLOW RUN: {flow_run_id}")
-    if wait:
-        wait_for_removal(image_id, flow_run_id)
+        _said(image, ", its name free again,")
+        console.print(f"FLOW RUN: {flow_run_id}")
+        if wait:  # inside: the wait talks to Prefect, which only running_platform points at
+            wait_for_removal(image_id, flow_run_id)
 
 
 @app.command()
@@ -100,19 +101,19 @@ def retry(image_id: int = ImageId, wait: bool = typer.Option(False, "--wait", he
     image = catalog().get_for(actor, image_id, Right.MANAGE)
     rules.retry(image)  # refuse before anything moves
     with running_platform(worker=remote):
-        if image.last_operation["op"] == Operation.UPLOAD.value:
+        if image.last_operation.op is Operation.UPLOAD:
             restage_if_gone(image)
         image = operations.retry(catalog(), actor, image_id)
         operation, rerun = rerun_request(image, actor)
         flow_run_id = submit(operation.value, {"request": rerun.model_dump(mode="json")}, remote=remote)
-    _said(image, f", retrying its {operation.value},")
-    console.print(f"FLOW RUN: {flow_run_id}")
-    if not wait:
-        return
-    if operation is Operation.DELETE:
-        wait_for_removal(image_id, flow_run_id)
-        return
-    image = wait_for_image(lambda: catalog().find(image_id), flow_run_id, until_settled=True)
+        _said(image, f", retrying its {operation.value},")
+        console.print(f"FLOW RUN: {flow_run_id}")
+        if not wait:
+            return
+        if operation is Operation.DELETE:
+            wait_for_removal(image_id, flow_run_id)
+            return
+        image = wait_for_image(lambda: catalog().find(image_id), flow_run_id, until_settled=True)
     if image.state is ImageState.ERROR:
         raise HcxError(f"image {image.id} is in ERROR: {image.error}")
     _said(image)
@@ -123,11 +124,11 @@ def restage_if_gone(image: Image) -> None:
     file it recorded again, if it still hashes to the image's sha256. Refused otherwise, with
     nothing written. Staged bytes still there are left to the flow, which re-hashes them."""
     last = image.last_operation
-    request = UploadRequest.model_validate(last["request"])
+    request = UploadRequest.model_validate(last.request)
     if request.path:  # a file on the worker: the flow stages it again itself
         return
     store = load_datastore(request.datastore)
-    staged = store.staging_ref(last["upload_id"])
+    staged = store.staging_ref(last.upload_id)
     if store.exists(staged) and store.head(staged).size == image.size:
         return
     refused = f"Cannot retry image {image.id}: its staged bytes are gone"
@@ -144,15 +145,19 @@ def restage_if_gone(image: Image) -> None:
     if digest.hexdigest() != image.sha256:
         raise Refused(f"{refused} and {path} has changed since (sha256 {digest.hexdigest()}, the image "
                       f"recorded {image.sha256}); delete the image and upload the file again.")
+    actor, staging = acting_user(), open_staging()  # recorded before any byte, as every staged upload
+    staging.record(upload_id=last.upload_id, datastore=request.datastore, bucket=staged.bucket, key=staged.key,
+                   owner=actor.user, group=actor.group)
     with open(path, "rb") as source, transfer_bar(f"staging {path.name} again", image.size or 0) as advance:
         reader = transfer.HashingReader(source, advance)
         store.upload(reader, staged, size_hint=image.size)
     if reader.sha256 != image.sha256:  # it changed while being read
         store.delete(staged)
+        staging.forget(last.upload_id)
         raise Refused(f"{refused} and {path} changed while it was staged again; retry when it is quiet.")
 
 
-def wait_for_removal(image_id: int, flow_run_id: str, *, hook_grace: float = 15.0) -> None:
+def wait_for_removal(image_id: int, flow_run_id: str) -> None:
     """Follow a delete until the row is gone (exit 0) or the image is in ERROR (exit 1)."""
 
     def outcome() -> bool | None:
@@ -161,12 +166,12 @@ def wait_for_removal(image_id: int, flow_run_id: str, *, hook_grace: float = 15.
             raise HcxError(f"image {image_id} is in ERROR: {image.error}")
         return True if image is None else None
 
-    def give_up(waited: float, ended: str, message: str) -> None:
+    removed, run = follow_flow_run(outcome, flow_run_id, grace=hook_grace)
+    if not removed:
         image = catalog().find(image_id)
-        if image is not None and waited > hook_grace:
-            raise HcxError(f"image {image_id} is still {image.state.value} but its flow run ended {ended}: {message}")
-
-    follow_flow_run(outcome, flow_run_id, give_up=give_up)
+        ended, message = run_outcome(run)
+        raise HcxError(f"image {image_id} is still {image.state.value if image else 'there'} but its flow run "
+                       f"ended {ended}: {message.rstrip('.')}. `hcx-image reconcile --wait` settles it.")
     console.print(f"image {image_id} deleted")
 
 
@@ -178,6 +183,7 @@ def create_empty_image(*, name: str, type_: ImageType, datastore: str, size: str
     rules.validate_empty_image(type_=type_)
     virtual_size = parse_size(size)
     driver = driver or DiskFormat.RAW
+    check_empty_size(virtual_size, driver)  # at once, before anything starts
     with running_platform(worker=remote):
         store = load_datastore(datastore)
         catalog().check_new_image(actor, name=name, type_=type_, persistent=persistent)

@@ -10,10 +10,12 @@ from typing import Optional
 import typer
 
 from blocks.datastore import ObjectRef, load_datastore
+from catalog import rules
 from catalog.model import Bus, DiskFormat, ImageState, ImageType, Refused
 from catalog.permissions import Right
 from catalog.requests import UploadRequest
 from catalog.settings import get_settings
+from catalog.staging import open_staging
 from cli import datastores, platform
 from cli.common import (
     acting_user, catalog, console, image_table, print_json, refusals_exit_1, report_new_image, transfer_bar,
@@ -94,11 +96,15 @@ def create(
         size = path.stat().st_size
         catalog().check_capacity(actor, datastore=datastore, limit_bytes=store.limit_bytes, required=size,
                                  skip=skip_capacity_check)
+        staged = store.staging_ref(upload_id)
+        staging = open_staging()  # recorded before any byte: reconcile removes only recorded uploads
+        staging.record(upload_id=upload_id, datastore=datastore, bucket=staged.bucket, key=staged.key,
+                       owner=actor.user, group=actor.group)
         submitted = False
         try:
             with open(path, "rb") as source, transfer_bar(f"staging {path.name}", size) as advance:
                 reader = transfer.HashingReader(source, advance)
-                store.upload(reader, store.staging_ref(upload_id), size_hint=size)
+                store.upload(reader, staged, size_hint=size)
             request = UploadRequest(
                 owner=actor.user, group=actor.group, name=name, type=type_, datastore=datastore,
                 persistent=persistent, bus=bus, driver=driver, description=description,
@@ -109,7 +115,8 @@ def create(
             submitted = True
         finally:
             if not submitted:  # nothing may stay behind a refused or interrupted upload
-                store.delete(store.staging_ref(upload_id))
+                store.delete(staged)
+                staging.forget(upload_id)
         report_new_image(upload_id, flow_run_id, wait=wait, remote=remote)
 
 
@@ -145,8 +152,7 @@ def show(image_id: int, json_: bool = typer.Option(False, "--json")) -> None:
 def export(image_id: int, file: Path) -> None:
     """Download an image's bytes to FILE, verified against the recorded sha256."""
     image = catalog().get_for(acting_user(), image_id, Right.USE)
-    if image.state in (ImageState.LOCKED, ImageState.DELETE, ImageState.INIT) or not image.source:
-        raise Refused(f"Image {image.id} is {image.state.value}: its bytes are not in place to export yet.")
+    rules.check_export(image)
     with running_platform():
         store = load_datastore(image.datastore)
         ref = ObjectRef.parse(image.datastore, image.source)

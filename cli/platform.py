@@ -4,19 +4,17 @@ the maintenance flows on demand, `--remote` (send operations through the deploym
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
 import httpx
 import typer
-from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 from sqlalchemy.engine import make_url
 
 from catalog.model import HcxError, Refused
 from catalog.settings import Settings, get_settings
-from cli.common import TERMINAL_RUN_STATES, _clean_run_message, console, print_json, refusals_exit_1
+from cli.common import console, follow_flow_run, print_json, refusals_exit_1, run_outcome
 from cli.runtime import external_prefect_api, running_platform
 from cli.stack import Stack
 from flows import launcher
@@ -77,6 +75,24 @@ def _deployments(api_url: str) -> list[dict]:
     return sorted(found, key=lambda d: d["name"])
 
 
+def _last_runs(api_url: str) -> dict[str, dict | None]:
+    """Each maintenance flow's latest run that started: {"state", "at", "scheduled"} (None when it
+    never ran), so an operator sees at once whether the backstop runs. `scheduled` says the
+    deployment's schedule made it (Prefect's `auto_scheduled`), not a user or an automation."""
+    found: dict[str, dict | None] = {}
+    for name in launcher.maintenance():
+        runs = httpx.post(f"{api_url}/flow_runs/filter", timeout=5, json={
+            "flows": {"name": {"any_": [launcher.deployable()[name].name]}},
+            "flow_runs": {"start_time": {"is_null_": False}},
+            "sort": "START_TIME_DESC", "limit": 1,
+        }).raise_for_status().json()
+        found[name] = {"state": runs[0]["state_name"] or runs[0]["state_type"],
+                       "at": runs[0]["end_time"] or runs[0]["start_time"],
+                       "scheduled": bool(runs[0].get("auto_scheduled")),
+                       "flow_run_id": runs[0]["id"]} if runs else None
+    return found
+
+
 def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
@@ -109,6 +125,7 @@ def platform_status(settings: Settings) -> dict:
                    "pid": state.worker.pid if worker_running else None,
                    "online": api_up and stack.worker_online(api_url), "log": str(stack.logs / "worker.log")},
         "deployments": _deployments(api_url) if api_up else [],
+        "last_runs": _last_runs(api_url) if api_up else {name: None for name in launcher.maintenance()},
     }
 
 
@@ -129,6 +146,13 @@ def print_status(data: dict) -> None:
     for deployment in data["deployments"]:
         when = ", ".join(deployment["schedules"]) or "on demand"
         console.print(f"  deployment {deployment['name']:<24} {when}", highlight=False)
+    for name, last in data["last_runs"].items():
+        if last is None:
+            said_last = "never ran"
+        else:
+            how = "by its schedule" if last["scheduled"] else "by hand or an automation"
+            said_last = f"{last['state']} at {last['at']}, {how}"
+        console.print(f"  last {name + ':':<10} {said_last}", highlight=False)
 
 
 @refusals_exit_1
@@ -143,17 +167,14 @@ def status(json_: bool = typer.Option(False, "--json", help="Print JSON")) -> No
 
 # --- maintenance on demand -------------------------------------------------------------------
 
-def follow_run(flow_run_id: str, poll: float = 0.5) -> str:
-    """Wait for a flow run to end; its final state type (a failure raises with its message)."""
-    while True:
-        with get_client(sync_client=True) as client:
-            run = client.read_flow_run(flow_run_id)
-        state = run.state.type.value if run.state else None
-        if state in TERMINAL_RUN_STATES:
-            if state != "COMPLETED":
-                raise HcxError(f"flow run {run.name} ended {state}: {_clean_run_message(run.state.message or '')}")
-            return state
-        time.sleep(poll)
+def follow_run(flow_run_id: str) -> str:
+    """Wait for a flow run to end (Prefect's wait_for_flow_run); its final state type (a failure
+    raises with its message)."""
+    _, run = follow_flow_run(lambda: None, flow_run_id)
+    ended, message = run_outcome(run)
+    if ended != "COMPLETED":
+        raise HcxError(f"flow run {run.name} ended {ended}: {message}")
+    return ended
 
 
 def _run_maintenance(name: str, parameters: dict, wait: bool) -> None:
@@ -166,13 +187,25 @@ def _run_maintenance(name: str, parameters: dict, wait: bool) -> None:
 
 @refusals_exit_1
 def reconcile(
-    ttl_hours: Optional[float] = typer.Option(None, "--ttl-hours", min=0, help="Staging TTL (default: HCX_STAGING_TTL_HOURS)"),
+    ttl_hours: Optional[float] = typer.Option(None, "--ttl-hours", min=0, help="Staging TTL (default: "
+                                              "HCX_STAGING_TTL_HOURS; below 1h the admin group only)"),
     stale_after: Optional[int] = typer.Option(None, "--stale-after", min=1,
-                                              help="Seconds without heartbeat before a run counts as dead"),
+                                              help="Seconds before an image whose operation recorded no "
+                                                   "flow run is abandoned (a RUNNING run is Prefect's to "
+                                                   "judge) (below 60 the admin group only)"),
     wait: bool = typer.Option(False, "--wait", help="Follow the flow run; exit 1 if it fails"),
 ) -> None:
-    """Settle images left by dead operations, sweep old staging objects, audit datastores."""
-    _run_maintenance("reconcile", {"staging_ttl_hours": ttl_hours, "stale_after_seconds": stale_after}, wait)
+    """Settle images left by dead operations, sweep old uploads the service recorded (unknown objects
+    are only reported), audit datastores."""
+    from catalog.requests import RequestedBy
+    from catalog.staging import reconcile_limits
+    from cli.common import acting_user
+
+    actor = acting_user()  # the caller's word until the image API authenticates it
+    reconcile_limits(get_settings(), actor, staging_ttl_hours=ttl_hours, stale_after_seconds=stale_after)
+    _run_maintenance("reconcile", {"staging_ttl_hours": ttl_hours, "stale_after_seconds": stale_after,
+                                   "requested_by": RequestedBy(owner=actor.user, group=actor.group).model_dump()},
+                     wait)
 
 
 @refusals_exit_1
@@ -193,7 +226,7 @@ def scrub(image_ids: Optional[list[int]] = typer.Argument(None, help="Only these
 @platform_app.command("deploy")
 @refusals_exit_1
 def deploy() -> None:
-    """Apply every deployment again (schedules from the HCX_*_INTERVAL settings) and start the worker."""
+    """Apply every deployment again (schedules from the HCX_*_EVERY settings) and start the worker."""
     print_status(bring_up(redeploy=True))
 
 

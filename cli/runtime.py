@@ -1,7 +1,9 @@
 """What a CLI command needs running before it acts: the S3 server, a Prefect API, the datastores.
 
 A Prefect API that is already configured (PREFECT_API_URL, a profile, a test harness) is used as
-it is; otherwise the embedded `prefect server` under $HCX_HOME is started and used.
+it is; otherwise the embedded `prefect server` under $HCX_HOME is started and used. Never a
+temporary one: Prefect's ephemeral mode is off in every CLI process (and what it starts), so a
+Prefect call made where no API is configured is an error instead of a ~5 s temporary server.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from prefect.context import refresh_global_settings_context
 from prefect.events.worker import EventsWorker
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -18,6 +21,11 @@ from catalog.settings import Settings, get_settings
 from cli.stack import Stack, StackState
 
 EMBEDDED_DATASTORES = {"default": ("hcx-images", "image"), "system": ("hcx-system", "system")}
+
+# Prefect's default profile allows the ephemeral server (PREFECT_SERVER_ALLOW_EPHEMERAL_MODE is an
+# alias): with it off, a client or event sender with no API raises "No Prefect API URL provided".
+os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "false"
+refresh_global_settings_context()
 
 
 def external_prefect_api() -> str | None:
@@ -41,16 +49,17 @@ def ensure_embedded_datastores(state: StackState) -> None:
         store.ensure_buckets()
 
 
-def ensure_worker_platform(stack: Stack, state: StackState, api_url: str, *, redeploy: bool) -> None:
-    """The work pool and deployments on this API, and a worker polling the pool."""
-    from flows.platform import apply_deployments, deployments_signature, missing_deployments
+def ensure_deployments(stack: Stack, state: StackState, api_url: str, *, redeploy: bool) -> None:
+    """The work pool, the deployments and the dead-run automations on this API (applied again when
+    they changed or one is missing, or always with `redeploy`)."""
+    from flows.platform import apply_deployments, deployments_signature, missing_automations, missing_deployments
 
     applied = f"{api_url} {deployments_signature(stack.settings)}"
-    if redeploy or state.deployments_applied != applied or missing_deployments(api_url):
+    if (redeploy or state.deployments_applied != applied or missing_deployments(api_url)
+            or missing_automations(api_url)):
         apply_deployments(stack.settings)
         state.deployments_applied = applied
         stack.save(state)
-    stack.ensure_worker(state, api_url)
 
 
 @contextmanager
@@ -58,8 +67,9 @@ def running_platform(settings: Settings | None = None, *, start: bool = True, wo
                      redeploy: bool = False) -> Iterator[StackState]:
     """Start what is missing (idempotent) and point this process's Prefect client at it; with
     `worker` (default: when operations go through the deployments, --remote / HCX_REMOTE), also
-    the work pool, the deployments (applied again when they changed or one is missing, or always
-    with `redeploy`) and a worker."""
+    the work pool, the deployments and automations (`ensure_deployments`) and a worker. On the
+    embedded Prefect server the deployments and automations are always there, so that a run whose
+    process dies is marked CRASHED (and every wait on it ends) even before `up` started a worker."""
     settings = settings or get_settings()
     if worker is None:
         from flows.launcher import remote_mode
@@ -71,7 +81,8 @@ def running_platform(settings: Settings | None = None, *, start: bool = True, wo
     if start:
         state = stack.ensure_s3(state)
     api_url = external_prefect_api()
-    if api_url is None:
+    embedded = api_url is None
+    if embedded:
         if start:
             state = stack.ensure_prefect(state)
         api_url = f"{state.prefect_url}/api" if state.prefect.ports else None
@@ -83,8 +94,10 @@ def running_platform(settings: Settings | None = None, *, start: bool = True, wo
             ensure_embedded_datastores(state)
             state.datastores_registered_at = api_url
             stack.save(state)
+        if start and (worker or embedded):
+            ensure_deployments(stack, state, api_url, redeploy=redeploy)
         if start and worker:
-            ensure_worker_platform(stack, state, api_url, redeploy=redeploy)
+            stack.ensure_worker(state, api_url)
         try:
             yield state
         finally:

@@ -15,7 +15,8 @@ import logging
 from prefect.runtime import flow_run
 
 from blocks.datastore import ObjectRef, load_datastore
-from catalog.model import HcxError
+from catalog import operations
+from catalog.model import HcxError, Superseded
 from catalog.requests import CloneRequest
 from catalog.store import open_catalog
 from flows.hooks import failure_reason, image_operation
@@ -37,7 +38,9 @@ def _finish(run, error: str | None) -> None:
     if target is None:  # refused before anything was registered: nothing to finish
         return
     try:
-        catalog.finish_clone(target.id, error=error, flow_run_id=str(run.id))
+        operations.finish_clone(catalog, target.id, error=error, run_id=str(run.id))
+    except Superseded as exc:
+        log.info("flow run %s was superseded on image %s: %s", run.id, target.id, exc)
     except HcxError:
         log.exception("could not finish the clone into image %s; reconcile will", target.id)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prefect.runtime import flow_run
 
+from catalog import rules
 from catalog.requests import CreateEmptyRequest
 from catalog.store import open_catalog
 from flows.hooks import fail_image, failure_reason, image_operation, unlock_image
@@ -45,6 +46,8 @@ def create_empty(request: CreateEmptyRequest) -> int:
     object_id = object_id_of(request, flow_run.get_id())
     required = check_empty_request(request, object_id)
     image = register_empty(request, object_id, required)
+    if not rules.awaits_operation(image):  # sent again after it had finished: nothing left to do
+        return image.id
     made = write_empty_image(image.id)
     record_made(image.id, made)
     return image.id

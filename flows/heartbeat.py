@@ -5,9 +5,13 @@ start of a run and then every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds (at leas
 1 s steps; at the end of the run it sets a stop flag and joins the thread, which wakes up only at
 the end of its current 1 s sleep. Every flow run therefore paid up to 1 s (measured: an empty flow
 run took 1.2 s, 0.1 s of it real work). Heartbeats are what detects a run whose process was killed
-(reconcile marks a RUNNING run without a recent heartbeat CRASHED), so turning them off is no
-option. This module swaps in the same loop waiting on the stop event instead of sleeping: the same
-events at the same times, and the thread ends the moment the run does.
+(the zombie-run automation of flows/platform.py marks a RUNNING run without a recent heartbeat
+CRASHED), so turning them off is no option. This module swaps in the same loop waiting on the stop
+event instead of sleeping: the same events at the same times, and the thread ends the moment the
+run does.
+
+Installed only where flows run: `flows.launcher.execute` (local runs) and the resolution of a
+deployment entrypoint `flows.launcher.<flow>` (a worker's flow-run process), never on import.
 
 Pinned to the Prefect version it was read from: under any other version Prefect's own function
 stays in place, and `tests/test_platform_units.py` fails until someone re-reads it. The time it
@@ -70,7 +74,3 @@ def install() -> bool:
         return False
     flow_engine._send_heartbeats = _send_heartbeats
     return True
-
-
-def installed() -> bool:
-    return getattr(flow_engine._send_heartbeats, "hcx_patched", False)

@@ -1,7 +1,9 @@
 """Flow-run state hooks: turn a run's outcome into a catalog transition.
 
 Hooks are not guaranteed to run (a killed worker runs none), so every step they take is
-idempotent and the scheduled reconcile flow is the backstop.
+idempotent and the scheduled reconcile flow is the backstop. Every write is fenced by the run:
+the hook of a run that was superseded (a retry or a forced delete took its image over) changes
+nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Callable
 from prefect import Flow, flow
 
 from catalog import rules
-from catalog.model import HcxError, Image
+from catalog.model import HcxError, Image, Superseded
 from catalog.store import open_catalog
 
 log = logging.getLogger("hcx.hooks")
@@ -35,19 +37,32 @@ def failure_reason(state) -> str:
     return state.message or state.name
 
 
+def owns(image: Image | None, flow_run_id: str) -> bool:
+    """Whether this run is (still) the one writer of the image's operation."""
+    return image is not None and image.flow_run_id == flow_run_id
+
+
 def unlock_image(image: Image | None, flow_run_id: str) -> None:
-    if image is None or image.state not in rules.LOCKED_STATES:
+    if not owns(image, flow_run_id) or image.state not in rules.LOCKED_STATES:
         return
-    open_catalog().transition(image.id, rules.unlock, flow_run_id=flow_run_id, message="file operation succeeded")
+    _fenced(lambda: open_catalog().transition(image.id, rules.unlock, owner=flow_run_id, writer=flow_run_id,
+                                              message="file operation succeeded"), image, flow_run_id)
 
 
 def fail_image(image: Image | None, flow_run_id: str, reason: str) -> None:
-    if image is None or image.state not in rules.LOCKED_STATES:
+    if not owns(image, flow_run_id) or image.state not in rules.LOCKED_STATES:
         return
+    _fenced(lambda: open_catalog().transition(image.id, rules.fail, reason, owner=flow_run_id,
+                                              writer=flow_run_id, message=reason), image, flow_run_id)
+
+
+def _fenced(write: Callable[[], object], image: Image, flow_run_id: str) -> None:
     try:
-        open_catalog().transition(image.id, rules.fail, reason, flow_run_id=flow_run_id, message=reason)
+        write()
+    except Superseded as exc:
+        log.info("flow run %s was superseded on image %s: %s", flow_run_id, image.id, exc)
     except HcxError:
-        log.exception("could not move image %s to ERROR", image.id)
+        log.exception("could not move image %s; reconcile will", image.id)
 
 
 def image_operation(name: str, *, run_name: Callable[[], str], on_failure: Callable,

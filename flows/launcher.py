@@ -9,8 +9,11 @@ worker of the process pool executes it.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from functools import cache
 from pathlib import Path
 from uuid import UUID
@@ -20,9 +23,11 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelled
 
 from catalog.model import HcxError
 from catalog.settings import get_settings
+from flows import heartbeat
 
 
 def registry() -> dict[str, Flow]:
@@ -60,9 +65,12 @@ def entrypoint(name: str) -> str:
 
 
 def __getattr__(attribute: str) -> Flow:
-    """`flows.launcher.upload` is the upload flow with its reporting hooks (deployment entrypoints)."""
+    """`flows.launcher.upload` is the upload flow with its reporting hooks (deployment entrypoints).
+    A worker's flow-run process resolves its deployment's entrypoint here before it runs the flow:
+    that process runs flows, so it gets the heartbeat change."""
     for name, flow in deployable().items():
         if name.replace("-", "_") == attribute:
+            heartbeat.install()
             return flow
     raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
 
@@ -115,9 +123,43 @@ def execute(flow_name: str, flow_run_id: str) -> None:
     from prefect.engine import handle_engine_signals
     from prefect.flow_engine import load_flow_run, run_flow
 
+    heartbeat.install()
+    _stop_when_cancelled(flow_run_id)
     with handle_engine_signals(UUID(flow_run_id)):
         flow_run = load_flow_run(flow_run_id=UUID(flow_run_id))
         run_flow(deployable()[flow_name], flow_run=flow_run)
+
+
+def _stop_when_cancelled(flow_run_id: str, every: float = 2.0, grace: float = 10.0) -> None:
+    """What a worker does for the runs it supervises, for this unsupervised process: when the run
+    is set CANCELLING (a forced delete superseded it), SIGTERM, which the flow engine turns into a
+    final state (its hooks run, fenced: they change nothing); a run still going after `grace`
+    (stuck in a transfer that waits on its threads) is marked CANCELLED and the process ends."""
+
+    def state_now():
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(UUID(flow_run_id)).state
+
+    def watch() -> None:
+        while True:
+            time.sleep(every)
+            try:
+                state = state_now()
+            except Exception:  # the API is away for a moment: ask again
+                continue
+            if state is not None and state.is_final():
+                return
+            if state is not None and state.is_cancelling():
+                break
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(UUID(flow_run_id), Cancelled(
+                message=f"Cancelled: the process did not end within {grace:g}s of SIGTERM and was stopped."),
+                force=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="hcx-cancel-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -21,16 +21,19 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events import DeploymentTriggerTypes
+from prefect.events.schemas.automations import AutomationCore
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.workers.process import ProcessWorker
 from pydantic import TypeAdapter
 
 from catalog.settings import Settings
-from flows.launcher import deployable, entrypoint, maintenance
+from flows.launcher import deployable, entrypoint, maintenance, registry
 
 POOL_TYPE = ProcessWorker.type
 STAGED_EVENT = "hcx.image.staged"
 UPLOAD_RESOURCE_PREFIX = "hcx.upload."
+ZOMBIE_AUTOMATION = "hcx: crash flow runs whose process is gone"
+CRASHED_AUTOMATION = "hcx: settle crashed image operations"
 
 _TRIGGERS: TypeAdapter = TypeAdapter(DeploymentTriggerTypes)
 
@@ -52,8 +55,8 @@ def staged_trigger() -> dict[str, Any]:
 
 
 def _intervals(settings: Settings) -> dict[str, int]:
-    return {"reconcile": settings.reconcile_interval, "monitor": settings.monitor_interval,
-            "scrub": settings.scrub_interval}
+    return {"reconcile": settings.reconcile_every, "monitor": settings.monitor_every,
+            "scrub": settings.scrub_every}
 
 
 def deployment_specs(settings: Settings) -> list[dict[str, Any]]:
@@ -76,6 +79,79 @@ def deployment_specs(settings: Settings) -> list[dict[str, Any]]:
     return specs
 
 
+def _our_flows(names: list[str]) -> dict[str, Any]:
+    """Match events related to the flows called `names` (so a shared Prefect API keeps its other runs)."""
+    return {"prefect.resource.role": "flow", "prefect.resource.name": sorted(names)}
+
+
+def automation_specs(settings: Settings, reconcile_deployment_id: str) -> list[dict[str, Any]]:
+    """The automations that make dead runs end (Prefect's "detect zombie flows"):
+
+    1. a flow run of ours whose process stops sending `prefect.flow-run.heartbeat` for
+       `stale_run_seconds` after it started Running or beat last (and did not end) is set CRASHED;
+    2. a CRASHED image operation runs the reconcile deployment for that run alone, which runs the
+       operation's own crash hooks (the image to ERROR, staged bytes swept) as its process would have.
+    """
+    return [
+        {
+            "name": ZOMBIE_AUTOMATION,
+            "description": "Marks a RUNNING hcx flow run CRASHED when its heartbeats stop (its process died).",
+            "enabled": True,
+            "trigger": {
+                "type": "event", "posture": "Proactive",
+                "match": {"prefect.resource.id": "prefect.flow-run.*"},
+                "match_related": _our_flows([f.name for f in deployable().values()]),
+                "after": ["prefect.flow-run.Running", "prefect.flow-run.heartbeat"],
+                "expect": ["prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                           "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"],
+                "for_each": ["prefect.resource.id"],
+                "threshold": 1,
+                "within": settings.stale_run_seconds,
+            },
+            "actions": [{
+                "type": "change-flow-run-state", "state": "CRASHED",
+                "message": f"No heartbeat for {settings.stale_run_seconds}s: the process running this flow run "
+                           "is gone (marked crashed by the hcx zombie-run automation).",
+            }],
+        },
+        {
+            "name": CRASHED_AUTOMATION,
+            "description": "Runs the crash hooks of a crashed image operation through the reconcile deployment.",
+            "enabled": True,
+            "trigger": {
+                "type": "event", "posture": "Reactive",
+                "match": {"prefect.resource.id": "prefect.flow-run.*"},
+                "match_related": _our_flows([deployable()[name].name for name in registry()]),
+                "expect": ["prefect.flow-run.Crashed"],
+                "threshold": 1,
+                "within": 0,
+            },
+            "actions": [{
+                "type": "run-deployment", "source": "selected", "deployment_id": reconcile_deployment_id,
+                "parameters": {"scope": "images",
+                               "flow_run_ids": ["{{ event.resource.id | replace('prefect.flow-run.', '') }}"]},
+            }],
+        },
+    ]
+
+
+def apply_automations(settings: Settings, reconcile_deployment_id: str) -> dict[str, str]:
+    """Create or update the automations of `automation_specs`, one of each name (idempotent)."""
+    applied = {}
+    with get_client(sync_client=True) as client:
+        for spec in automation_specs(settings, reconcile_deployment_id):
+            automation = AutomationCore.model_validate(spec)
+            existing = client.read_automations_by_name(spec["name"])
+            for extra in existing[1:]:
+                client.delete_automation(extra.id)
+            if existing:
+                client.update_automation(existing[0].id, automation)
+                applied[spec["name"]] = str(existing[0].id)
+            else:
+                applied[spec["name"]] = str(client.create_automation(automation))
+    return applied
+
+
 def render_prefect_yaml(settings: Settings | None = None) -> str:
     """The repository's prefect.yaml, rendered with the default settings so it is reproducible."""
     settings = settings or Settings.model_construct()
@@ -89,9 +165,10 @@ def render_prefect_yaml(settings: Settings | None = None) -> str:
     }
     header = (
         "# Generated by `hcx-image platform yaml` from flows/launcher.py deployable(): do not edit by hand.\n"
-        "# `hcx-image up` applies the same deployments (with the HCX_*_INTERVAL settings) and starts a\n"
-        "# worker; with a Prefect API of your own: `prefect work-pool create hcx-process --type process`,\n"
-        "# then `prefect deploy --all` from this directory and `prefect worker start --pool hcx-process`.\n"
+        "# `hcx-image up` applies the same deployments (with the HCX_*_EVERY settings), the dead-run\n"
+        "# automations and starts a worker; with a Prefect API of your own: `prefect work-pool create\n"
+        "# hcx-process --type process`, then `prefect deploy --all` from this directory and `prefect worker\n"
+        "# start --pool hcx-process` (set PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 for the worker).\n"
     )
     return header + yaml.safe_dump(document, sort_keys=False, width=100)
 
@@ -108,7 +185,8 @@ def ensure_work_pool(name: str) -> None:
 
 
 def apply_deployments(settings: Settings) -> dict[str, str]:
-    """Create or update every deployment (schedules and triggers included); returns name -> id."""
+    """Create or update every deployment (schedules and triggers included) and the dead-run
+    automations; returns deployment name -> id."""
     ensure_work_pool(settings.work_pool)
     flows = deployable()
     applied = {}
@@ -123,6 +201,7 @@ def apply_deployments(settings: Settings) -> dict[str, str]:
         )
         deployment.entrypoint = spec["entrypoint"]
         applied[spec["name"]] = str(deployment.apply())
+    apply_automations(settings, applied["reconcile"])
     return applied
 
 
@@ -132,6 +211,7 @@ def deployments_signature(settings: Settings) -> str:
 
     flows = deployable()
     described = [(spec, parameter_schema(flows[spec["name"]]).model_dump()) for spec in deployment_specs(settings)]
+    described.append((automation_specs(settings, "-"), {}))
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -139,3 +219,9 @@ def missing_deployments(api_url: str) -> list[str]:
     """Deployments the API lacks (deleted in the UI, say); read over plain REST."""
     names = {d["name"] for d in httpx.post(f"{api_url}/deployments/filter", json={}, timeout=10).json()}
     return sorted(set(deployable()) - names)
+
+
+def missing_automations(api_url: str) -> list[str]:
+    """Our automations the API lacks (deleted in the UI, say); read over plain REST."""
+    names = {a["name"] for a in httpx.post(f"{api_url}/automations/filter", json={}, timeout=10).json()}
+    return sorted({ZOMBIE_AUTOMATION, CRASHED_AUTOMATION} - names)

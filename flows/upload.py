@@ -16,9 +16,11 @@ from prefect.runtime import flow_run
 
 from blocks.datastore import load_datastore
 from catalog.model import HcxError, IntegrityError
+from catalog import rules
 from catalog.requests import UploadRequest
+from catalog.staging import open_staging
 from catalog.store import open_catalog
-from flows.hooks import fail_image, failure_exception, failure_reason, image_operation, unlock_image
+from flows.hooks import fail_image, failure_exception, failure_reason, image_operation, owns, unlock_image
 from tasks.images import check_upload_request, record_source, register_upload
 from tasks.objects import copy_into_datastore, delete_object, inspect_staged, stage_local_file
 
@@ -43,8 +45,11 @@ def _on_failure(flow, run, state) -> None:
     request = _request_of(run)
     upload_id = upload_id_of(request, run.id)
     image = open_catalog().find_by_upload_id(upload_id)
+    mine = owns(image, str(run.id))
     fail_image(image, str(run.id), f"Error copying image in the datastore: {failure_reason(state)}")
-    if image is None or isinstance(failure_exception(state), IntegrityError):
+    # Staged bytes go when nothing was registered from them, or when this run proved them wrong;
+    # never under an image another run now drives (it may be reading them).
+    if image is None or (mine and isinstance(failure_exception(state), IntegrityError)):
         _drop_staging(request.datastore, upload_id)
 
 
@@ -53,6 +58,7 @@ def _drop_staging(datastore: str, upload_id: str) -> None:
     try:
         store = load_datastore(datastore)
         store.delete(store.staging_ref(upload_id))
+        open_staging().forget(upload_id)
     except HcxError:
         log.exception("could not delete the staging object of upload %s; reconcile will", upload_id)
 
@@ -68,9 +74,11 @@ def upload(request: UploadRequest) -> int:
     upload_id = upload_id_of(request, flow_run.get_id())
     check_upload_request(request, upload_id)
     if request.path:
-        stage_local_file(request.path, request.datastore, upload_id)
+        stage_local_file(request.path, request.datastore, upload_id, owner=request.owner, group=request.group)
     inspected = inspect_staged(request.datastore, upload_id, request.driver, request.expected_sha256)
     image = register_upload(request, upload_id, inspected)
+    if not rules.awaits_operation(image):  # sent again after it had finished: nothing left to do
+        return image.id
     target = load_datastore(request.datastore).image_ref(upload_id)
     copied = copy_into_datastore(src=inspected.ref, dst=target, etag=inspected.etag,
                                  size=image.size, sha256=image.sha256)
@@ -79,4 +87,6 @@ def upload(request: UploadRequest) -> int:
         cleanup = delete_object(inspected.ref, return_state=True)
         if cleanup.is_failed():
             get_run_logger().warning("Staging object %s stays for reconcile: %s", inspected.ref, cleanup.message)
+    if target == inspected.ref or cleanup.is_completed():
+        open_staging().forget(upload_id)  # the staged bytes are adopted or deleted: nothing left to sweep
     return image.id

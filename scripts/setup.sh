@@ -8,6 +8,8 @@ PYTHON=${1:-python3}
 apt_packages=()
 command -v qemu-img >/dev/null || apt_packages+=(qemu-utils)
 command -v chromium >/dev/null || apt_packages+=(chromium)   # the browser test drives the Prefect UI
+command -v xorriso >/dev/null || apt_packages+=(xorriso)     # the tests build real (hybrid) ISO images
+command -v sgdisk >/dev/null || apt_packages+=(gdisk)        # ... and partitioned disks
 if [ ${#apt_packages[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq

@@ -1,4 +1,5 @@
-"""Prefect tasks that write the catalog. Each is one compare-and-set, so a retry is harmless."""
+"""Prefect tasks that write the catalog. Each is one compare-and-set fenced by the flow run that
+owns the image, so a retry is harmless and a superseded run changes nothing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from prefect.runtime import flow_run
 
 from blocks.datastore import ObjectRef, load_datastore
 from catalog import operations, rules
-from catalog.model import Image, ImageState, IntegrityError, Operation
+from catalog.model import Image, ImageState, IntegrityError, Operation, OperationRecord
 from catalog.permissions import Right
 from catalog.requests import CloneRequest, CreateEmptyRequest, DeleteRequest, UploadRequest
 from catalog.store import open_catalog
@@ -20,14 +21,13 @@ def current_flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
-def carried_on(image: Image) -> Image:
-    """This run takes up the operation an existing image waits on (a retry, a delete the CLI
-    marked): record the run on the image, so the image is never judged by another run's fate."""
-    run_id = current_flow_run_id()
-    if image.flow_run_id == run_id or not rules.awaits_operation(image):
-        return image  # already ours, or settled (a re-sent upload that had finished)
-    return open_catalog().transition(image.id, rules.pending_run, flow_run_id=run_id,
-                                     message="operation carried on by this flow run")
+def take_up(image: Image) -> Image:
+    """This run carries on the operation an existing image waits on (after a retry, or a delete the
+    CLI marked): it becomes the image's one writer, explicitly (a history row says so). A settled
+    image (a re-sent request that had finished) is returned as it is."""
+    if not rules.awaits_operation(image):
+        return image
+    return operations.claim(open_catalog(), image, current_flow_run_id())
 
 
 @task(**IO_TASK)
@@ -44,57 +44,57 @@ def register_upload(request: UploadRequest, upload_id: str, inspected: Inspected
     retried upload must find the very bytes it registered). Refused if it does not fit the datastore."""
     found = inspected.inspection
     actor = request.actor()
-    limit = rules.capacity_limit(load_datastore(request.datastore).limit_bytes,
-                                 skip=request.skip_capacity_check, is_admin=actor.is_admin)
-    existing = open_catalog().find_by_upload_id(upload_id)
+    catalog = open_catalog()
+    existing = catalog.find_by_upload_id(upload_id)
     if existing is not None:
+        existing = take_up(existing)  # ours from here on, so our hooks judge what follows
         if existing.sha256 != found.sha256 or existing.size != found.size:
             raise IntegrityError(
                 f"The staged bytes ({found.size} bytes, sha256 {found.sha256}) are not those image "
                 f"{existing.id} registered ({existing.size} bytes, sha256 {existing.sha256}): upload it again."
             )
-        return carried_on(existing)
-    return open_catalog().register(
-        actor=actor,
-        name=request.name,
-        type_=request.type,
-        persistent=request.persistent,
-        bus=request.bus,
-        format_=found.format,
-        datastore=request.datastore,
-        state=ImageState.LOCKED,
-        flow_run_id=current_flow_run_id(),
-        upload_id=upload_id,
-        description=request.description,
-        source=str(inspected.ref),
-        source_etag=inspected.etag,
-        size=found.size,
-        virtual_size=found.virtual_size,
-        sha256=found.sha256,
-        last_operation={"op": Operation.UPLOAD.value, "request": request.model_dump(mode="json"),
-                        "upload_id": upload_id},
-        message=f"registered from {inspected.ref} ({found.detected}, {found.size} bytes)",
-        limit_bytes=limit,
+        return existing
+    limit = rules.capacity_limit(load_datastore(request.datastore).limit_bytes,
+                                 skip=request.skip_capacity_check, is_admin=actor.is_admin)
+    image = rules.new_image(
+        actor=actor, name=request.name, type_=request.type, persistent=request.persistent, bus=request.bus,
+        format_=found.format, datastore=request.datastore, run_id=current_flow_run_id(), upload_id=upload_id,
+        description=request.description, source=str(inspected.ref), source_etag=inspected.etag, size=found.size,
+        virtual_size=found.virtual_size, sha256=found.sha256,
+        last_operation=OperationRecord(op=Operation.UPLOAD, request=request.model_dump(mode="json"),
+                                       upload_id=upload_id),
     )
+    return operations.register(catalog, image, limit_bytes=limit,
+                               message=f"registered from {inspected.ref} ({found.detected}, {found.size} bytes)")
 
 
 @task(**IO_TASK)
 def record_source(image_id: int, ref: ObjectRef, etag: str) -> Image:
     """The image's bytes now lie at `ref` with this ETag (recorded before any cleanup, so they are
     never lost; clones pin their copy to it)."""
+    run_id = current_flow_run_id()
     return open_catalog().transition(image_id, rules.record, source=str(ref), source_etag=etag,
-                                     flow_run_id=current_flow_run_id(), message=f"bytes at {ref}")
+                                     owner=run_id, writer=run_id, message=f"bytes at {ref}")
 
 
 @task(**IO_TASK)
 def record_made(image_id: int, made: InspectedObject) -> Image:
     """The bytes a flow made for the image: where, their ETag, sizes and sha256."""
     found = made.inspection
+    run_id = current_flow_run_id()
     return open_catalog().transition(
         image_id, rules.record, source=str(made.ref), source_etag=made.etag, size=found.size,
-        virtual_size=found.virtual_size, sha256=found.sha256, flow_run_id=current_flow_run_id(),
+        virtual_size=found.virtual_size, sha256=found.sha256, owner=run_id, writer=run_id,
         message=f"bytes at {made.ref} ({found.size} bytes)",
     )
+
+
+@task(**IO_TASK)
+def check_owner(image_id: int) -> Image:
+    """Before bytes move for an image: this run still owns its operation (else Superseded)."""
+    image = open_catalog().get(image_id)
+    rules.owned_by(image, current_flow_run_id())
+    return image
 
 
 # --- clone -----------------------------------------------------------------------------------
@@ -107,12 +107,12 @@ def begin_clone(request: CloneRequest, object_id: str) -> Image:
     existing = catalog.find_by_upload_id(object_id)
     if existing is not None:  # a retry, or this task retried
         rules.clone_resume(existing)
-        return carried_on(existing)
+        return take_up(existing)
     source = catalog.get_for(request.actor(), request.source_id, Right.USE)
     store = load_datastore(request.datastore or source.datastore)
     operations.check_clone(catalog, request.actor(), request, limit_bytes=store.limit_bytes)
     return operations.begin_clone(catalog, request.actor(), request, object_id=object_id,
-                                  limit_bytes=store.limit_bytes, flow_run_id=current_flow_run_id())
+                                  limit_bytes=store.limit_bytes, run_id=current_flow_run_id())
 
 
 # --- empty images ----------------------------------------------------------------------------
@@ -140,36 +140,36 @@ def register_empty(request: CreateEmptyRequest, object_id: str, required: int) -
     catalog = open_catalog()
     existing = catalog.find_by_upload_id(object_id)
     if existing is not None:
-        return carried_on(existing)
+        return take_up(existing)
     actor = request.actor()
     limit = rules.capacity_limit(load_datastore(request.datastore).limit_bytes,
                                  skip=request.skip_capacity_check, is_admin=actor.is_admin)
     recorded = request.model_copy(update={"object_id": object_id}).model_dump(mode="json")
-    return catalog.register(
+    image = rules.new_image(
         actor=actor, name=request.name, type_=request.type, persistent=request.persistent, bus=request.bus,
-        format_=request.driver, datastore=request.datastore, state=ImageState.LOCKED,
-        flow_run_id=current_flow_run_id(), upload_id=object_id, description=request.description,
-        size=required, virtual_size=request.size, limit_bytes=limit,
-        last_operation={"op": Operation.CREATE_EMPTY.value, "request": recorded},
-        message=f"registered empty {request.driver.value} disk of {request.size} bytes",
+        format_=request.driver, datastore=request.datastore, run_id=current_flow_run_id(), upload_id=object_id,
+        description=request.description, size=required, virtual_size=request.size,
+        last_operation=OperationRecord(op=Operation.CREATE_EMPTY, request=recorded),
     )
+    return operations.register(catalog, image, limit_bytes=limit,
+                               message=f"registered empty {request.driver.value} disk of {request.size} bytes")
 
 
 # --- delete ----------------------------------------------------------------------------------
 
 @task(**IO_TASK)
 def begin_delete(request: DeleteRequest) -> Image:
-    """Step 1 of a delete: DELETE (the name is free at once). An image already in DELETE (marked by
-    the CLI, or a retried delete) is carried on by this run."""
+    """Step 1 of a delete: DELETE (the name is free at once), owned by this run. An image already
+    in DELETE (marked by the CLI, or a retried delete) is taken up by this run."""
     catalog = open_catalog()
     image = catalog.get_for(request.actor(), request.image_id, Right.MANAGE)
     if image.state is ImageState.DELETE:
-        return carried_on(image)
+        return take_up(image)
     return operations.delete(catalog, request.actor(), request.image_id, force=request.force,
-                             flow_run_id=current_flow_run_id())
+                             run_id=current_flow_run_id())
 
 
 @task(**IO_TASK)
 def drop_image_row(image_id: int) -> None:
     """Last step of a delete: the row goes, once its objects are gone."""
-    open_catalog().remove(image_id, flow_run_id=current_flow_run_id())
+    operations.remove(open_catalog(), image_id, run_id=current_flow_run_id())

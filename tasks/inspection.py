@@ -3,6 +3,10 @@
 oslo.utils' format inspector does the parsing (the same checks Glance runs): it recognises the
 format from the content, and its safety checks refuse a qcow2 with a backing file, an external
 data file or unknown features, VMDK extents pointing at paths, and one format hidden in another.
+
+Sizes are checked here too: an empty image is refused, a raw image (ISO 9660 and partitioned disks
+included) has the virtual size of its bytes (an ISO's volume descriptor is never trusted), and a
+qcow2 header's virtual size must be a positive number no larger than Settings.max_virtual_size.
 """
 
 from __future__ import annotations
@@ -14,16 +18,29 @@ from typing import BinaryIO, Callable
 
 from oslo_utils.imageutils import format_inspector
 
-from catalog.model import DiskFormat, Refused
+from catalog.model import DiskFormat, Refused, human_size
+from catalog.settings import get_settings
 
 # What the hypervisor sees: an ISO 9660 file and a partitioned disk (GPT/MBR) are raw to the driver.
-_DRIVER_OF_DETECTED = {"raw": DiskFormat.RAW, "iso": DiskFormat.RAW, "gpt": DiskFormat.RAW, "qcow2": DiskFormat.QCOW2}
+_DRIVER_OF_DETECTED = {
+    "raw": DiskFormat.RAW, "iso": DiskFormat.RAW, "gpt": DiskFormat.RAW, "iso+gpt": DiskFormat.RAW,
+    "qcow2": DiskFormat.QCOW2,
+}
+
+# A hybrid ISO: an ISO 9660 image whose system area (its first 32 KiB, which the standard leaves
+# to the system, for boot code) also holds an MBR or a GPT, so that the same bytes boot from a CD
+# and from a USB stick, as Linux distributions ship them. oslo.utils matches both formats and
+# documents this pair as the legitimate multiple match (`InspectWrapper.formats`: "bootable
+# ISOs"); both are raw to the hypervisor, so nothing reads these bytes as another format, and both
+# inspectors' safety checks still run. Any other multiple match (a qcow2 or vmdk header hidden in
+# an ISO or in a partitioned disk) is refused.
+HYBRID_ISO = frozenset({"iso", "gpt"})
 
 
 @dataclass(frozen=True)
 class Inspection:
     format: DiskFormat
-    detected: str  # what the inspector named: raw, iso, gpt or qcow2
+    detected: str  # what the inspector named: raw, iso, gpt, iso+gpt (a hybrid ISO) or qcow2
     size: int
     virtual_size: int
     sha256: str
@@ -34,47 +51,115 @@ class Inspection:
         return data
 
 
-def _driver_for(inspector, declared: DiskFormat | None, origin: str) -> DiskFormat:
-    detected = str(inspector)
-    driver = _DRIVER_OF_DETECTED.get(detected)
+@dataclass(frozen=True)
+class _Detected:
+    """The format(s) oslo.utils found: one, or the iso+gpt pair of a hybrid ISO."""
+
+    name: str
+    inspectors: tuple
+
+    @property
+    def header_virtual_size(self):
+        """What a disk-format header claims (qcow2); None for raw bytes, whose size is their own."""
+        if _DRIVER_OF_DETECTED.get(self.name) is DiskFormat.RAW:
+            return None
+        return self.inspectors[0].virtual_size
+
+
+def _detected(wrapper: format_inspector.InspectWrapper, origin: str) -> _Detected:
+    """One format, or a hybrid ISO; several formats otherwise is one hidden in another: refused."""
+    formats = wrapper.formats  # decided once the wrapper is closed; [raw] when nothing specific matched
+    names = sorted(str(i) for i in formats)
+    if len(formats) == 1:
+        return _Detected(name=names[0], inspectors=tuple(formats))
+    if set(names) == HYBRID_ISO:
+        return _Detected(name="iso+gpt", inspectors=tuple(sorted(formats, key=str, reverse=True)))
+    raise Refused(
+        f"{origin} matches several formats at once ({', '.join(names)}): one format is hidden in "
+        "another, which hcx-images never takes. Rebuild the image with its own tool (e.g. "
+        "`qemu-img convert -O qcow2`) and upload that."
+    )
+
+
+def _driver_for(found: _Detected, declared: DiskFormat | None, origin: str) -> DiskFormat:
+    driver = _DRIVER_OF_DETECTED.get(found.name)
     if driver is None:
         raise Refused(
-            f"{origin} is in format {detected!r}, which hcx-images does not take"
+            f"{origin} is in format {found.name!r}, which hcx-images does not take"
             f"{f' (declared {declared.value!r})' if declared else ''}: convert it with "
             f"`qemu-img convert -O qcow2` first."
         )
-    try:
-        inspector.safety_check()
-    except (format_inspector.SafetyCheckFailed, format_inspector.ImageFormatError) as exc:
-        raise Refused(f"{origin} was refused as unsafe ({detected}): {exc}. Nothing was registered.") from None
+    for inspector in found.inspectors:
+        try:
+            inspector.safety_check()
+        except format_inspector.SafetyCheckFailed as exc:
+            reasons = "; ".join(f"{name}: {failure}" for name, failure in exc.failures.items())
+            raise Refused(f"{origin} was refused as unsafe ({inspector}): {reasons}. Nothing was registered.") from None
+        except format_inspector.ImageFormatError as exc:
+            raise Refused(f"{origin} was refused as unsafe ({inspector}): {exc}. Nothing was registered.") from None
     if declared is not None and driver is not declared:
+        if found.name == "raw":
+            raise Refused(f"{origin} is raw (no disk format header found) but was declared {declared.value}: "
+                          f"use --driver raw, or convert the image to {declared.value}.")
         raise Refused(
-            f"{origin} is {driver.value} (detected {detected}) but was declared {declared.value}: "
+            f"{origin} is {driver.value} (detected {found.name}) but was declared {declared.value}: "
             f"use --driver {driver.value}, or convert the image to {declared.value}."
         )
     return driver
 
 
-def _detect(wrapper, origin: str):
-    try:
-        return wrapper.format
-    except format_inspector.ImageFormatError as exc:
-        raise Refused(f"{origin} has an unknown or ambiguous format: {exc}.") from None
+def _refuse_empty(size: int, origin: str) -> None:
+    if size == 0:
+        raise Refused(f"{origin} is empty (0 bytes): there is no disk in it. Check the file and upload it again.")
+
+
+def _virtual_size(found: _Detected, size: int, origin: str) -> int:
+    """Raw bytes (ISO and partitioned disks too) are as large as they are; a qcow2's header size
+    must be a positive integer within Settings.max_virtual_size."""
+    limit = get_settings().max_virtual_size
+    claimed = found.header_virtual_size
+    if claimed is None:
+        if size > limit:
+            raise Refused(
+                f"{origin} is {human_size(size)} ({size} bytes), above the largest virtual size this "
+                f"service takes ({human_size(limit)}, HCX_MAX_VIRTUAL_SIZE): an administrator may raise "
+                "HCX_MAX_VIRTUAL_SIZE, or convert the image to qcow2 (`qemu-img convert -O qcow2`)."
+            )
+        return size
+    if not isinstance(claimed, int) or isinstance(claimed, bool) or claimed <= 0:
+        raise Refused(
+            f"{origin} is a {found.name} whose header gives no usable virtual size ({claimed!r}): the "
+            "image is damaged or was not made by qemu-img; check it with `qemu-img check`, rebuild it "
+            "and upload it again."
+        )
+    if claimed > limit:
+        raise Refused(
+            f"{origin} is a {found.name} whose header claims a virtual size of {human_size(claimed)} "
+            f"({claimed} bytes), above the largest this service takes ({human_size(limit)}, "
+            "HCX_MAX_VIRTUAL_SIZE): if the disk really is that large an administrator may raise "
+            "HCX_MAX_VIRTUAL_SIZE; otherwise the header is damaged: rebuild the image "
+            "(`qemu-img convert -O qcow2`) and upload it again."
+        )
+    return claimed
 
 
 def precheck_file(path: Path, declared: DiskFormat | None) -> DiskFormat:
-    """Read just enough of a local file to refuse a wrong or unsafe format before uploading."""
+    """Read just enough of a local file to refuse an empty, wrong, unsafe or oversized image
+    before uploading it."""
     origin = f"File {path}"
-    try:
-        inspector = format_inspector.detect_file_format(str(path))
-    except format_inspector.ImageFormatError as exc:
-        raise Refused(f"{origin} has an unknown or ambiguous format: {exc}.") from None
-    if str(inspector) == "raw":  # raw is "nothing else matched": no header safety to check
-        if declared not in (None, DiskFormat.RAW):
-            raise Refused(f"{origin} is raw (no disk format header found) but was declared {declared.value}: "
-                          f"use --driver raw, or convert the image to {declared.value}.")
-        return DiskFormat.RAW
-    return _driver_for(inspector, declared, origin)
+    size = path.stat().st_size
+    _refuse_empty(size, origin)
+    with open(path, "rb") as source:
+        wrapper = format_inspector.InspectWrapper(source)
+        try:
+            while wrapper.formats is None and wrapper.read(64 * 1024):
+                pass
+        finally:
+            wrapper.close()
+    found = _detected(wrapper, origin)
+    driver = _driver_for(found, declared, origin)
+    _virtual_size(found, size, origin)
+    return driver
 
 
 def inspect_stream(
@@ -85,7 +170,8 @@ def inspect_stream(
     chunk_size: int,
     on_chunk: Callable[[bytes], None] | None = None,
 ) -> Inspection:
-    """Read a whole stream once: detect and safety-check the format, count and hash the bytes."""
+    """Read a whole stream once: detect and safety-check the format, count and hash the bytes,
+    check the sizes."""
     wrapper = format_inspector.InspectWrapper(stream)
     digest = hashlib.sha256()
     size = 0
@@ -97,8 +183,9 @@ def inspect_stream(
                 on_chunk(chunk)
     finally:
         wrapper.close()
-    inspector = _detect(wrapper, origin)
-    driver = _driver_for(inspector, declared, origin)
-    virtual_size = inspector.virtual_size or size
-    return Inspection(format=driver, detected=str(inspector), size=size, virtual_size=virtual_size,
+    _refuse_empty(size, origin)
+    found = _detected(wrapper, origin)
+    driver = _driver_for(found, declared, origin)
+    virtual_size = _virtual_size(found, size, origin)
+    return Inspection(format=driver, detected=found.name, size=size, virtual_size=virtual_size,
                       sha256=digest.hexdigest())

@@ -11,15 +11,14 @@ from typing import Any
 from prefect import Flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Crashed
 
 from blocks.datastore import ObjectRef, S3Datastore, load_datastore
-from catalog import rules
-from catalog.model import HcxError, Image, ImageState, NotFound, Refused, human_size
+from catalog import operations, rules
+from catalog.model import HcxError, Image, ImageState, NotFound, Refused, Superseded, human_size
 from catalog.settings import get_settings
-from catalog.store import Move, open_catalog
+from catalog.staging import open_staging
+from catalog.store import open_catalog
 from tasks.images import current_flow_run_id
 from tasks.progress import ProgressArtifact
 from tasks.retry import IO_TASK
@@ -65,18 +64,6 @@ def images_awaiting_operations() -> list[int]:
     return [image.id for image in open_catalog().list() if rules.awaits_operation(image)]
 
 
-def _last_sign_of_life(client, run: FlowRun) -> datetime:
-    """The run's latest heartbeat event, else when it started."""
-    since = run.start_time or run.created or _now()
-    page = client.read_events(EventFilter(
-        occurred=EventOccurredFilter(since=since, until=_now() + timedelta(minutes=1)),
-        event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
-        resource=EventResourceFilter(id=[f"prefect.flow-run.{run.id}"]),
-    ), limit=1)
-    beats = [event.occurred for event in page.events]
-    return max([since, *beats])
-
-
 _HOOKS = {
     StateType.COMPLETED: "on_completion_hooks",
     StateType.FAILED: "on_failure_hooks",
@@ -85,11 +72,23 @@ _HOOKS = {
 }
 
 
+def _run_hooks(flow: Flow, run: FlowRun) -> None:
+    """The flow's own hooks for the run's final state, as its process would have run them
+    (resumed); they are idempotent, so a second run of them changes nothing."""
+    for hook in getattr(flow, _HOOKS[run.state.type]):
+        try:
+            hook(flow, run, run.state)
+        except Exception:
+            log.exception("hook %s of flow run %s failed", getattr(hook, "__name__", hook), run.id)
+
+
 @task(**IO_TASK)
 def settle_image(image_id: int, stale_after_seconds: int) -> Row | None:
-    """An image waits on an operation: if that operation's run has ended (or its process is gone,
-    judged by heartbeats), run the flow's own hooks as its process would have (resume), and if
-    the image still waits, apply `rules.abandon`."""
+    """An image waits on an operation: if that operation's run has ended, run the flow's own hooks
+    as its process would have (resume), and if the image still waits, apply `rules.abandon`.
+    A RUNNING run is left to Prefect: the zombie-run automation (flows/platform.py) marks it
+    CRASHED when its heartbeats stop, and its crash brings reconcile back for it (`settle_run`).
+    `stale_after_seconds` is the grace given to an image whose operation recorded no run yet."""
     catalog = open_catalog()
     try:
         image = catalog.get(image_id)
@@ -111,36 +110,22 @@ def settle_image(image_id: int, stale_after_seconds: int) -> Row | None:
             if age < stale_after_seconds:
                 return None
             return _abandon(image, target, f"its flow run {image.flow_run_id} no longer exists")
-        flow_name = client.read_flow(run.flow_id).name
-        flow = _operation_flows().get(flow_name)
-        if flow is None:  # moved last by a maintenance run: nothing to resume
+        flow = _operation_flows().get(client.read_flow(run.flow_id).name)
+    if flow is None:  # moved last by a maintenance run: nothing to resume
+        return None
+    state_type = run.state.type if run.state else None
+    if state_type not in _HOOKS:
+        return None  # scheduled, pending, running, paused: Prefect's to judge
+    if run.end_time and (_now() - run.end_time).total_seconds() < min(stale_after_seconds, 30):
+        return None  # its own hooks may be running right now
+    if run.end_time and image.updated_at and _utc(image.updated_at) > run.end_time:
+        # Moved after that run ended (a retry, a delete marked by the CLI): the run taking the
+        # operation up records itself when it starts; judge only if none did in time.
+        if age < stale_after_seconds:
             return None
-        state_type = run.state.type if run.state else None
-        if state_type is StateType.RUNNING:
-            last = _last_sign_of_life(client, run)
-            silent = (_now() - last).total_seconds()
-            if silent < stale_after_seconds:
-                return None
-            client.set_flow_run_state(run.id, Crashed(message=(
-                f"No heartbeat for {silent:.0f}s (since {last:%Y-%m-%d %H:%M:%S}Z): the process running "
-                "this flow is gone; marked crashed by reconcile.")), force=True)
-            run = client.read_flow_run(run.id)
-        elif state_type not in _HOOKS:
-            return None  # scheduled, pending, paused: not ours to judge
-        elif run.end_time and (_now() - run.end_time).total_seconds() < min(stale_after_seconds, 30):
-            return None  # its own hooks may be running right now
-        elif run.end_time and image.updated_at and _utc(image.updated_at) > run.end_time:
-            # Moved after that run ended (a retry, a delete marked by the CLI): the run taking the
-            # operation up records itself when it starts; judge only if none did in time.
-            if age < stale_after_seconds:
-                return None
-            return _abandon(image, target, f"no flow run took up its operation within {stale_after_seconds}s")
+        return _abandon(image, target, f"no flow run took up its operation within {stale_after_seconds}s")
 
-    for hook in getattr(flow, _HOOKS[run.state.type]):
-        try:
-            hook(flow, run, run.state)
-        except Exception:
-            log.exception("hook %s of flow run %s failed", getattr(hook, "__name__", hook), run.id)
+    _run_hooks(flow, run)
     try:
         settled = catalog.get(image_id)
     except NotFound:
@@ -152,29 +137,41 @@ def settle_image(image_id: int, stale_after_seconds: int) -> Row | None:
                f"resumed: flow run {run.name} ended {run.state.type.value}, image now {settled.state.value}")
 
 
+@task(**IO_TASK)
+def settle_run(flow_run_id: str) -> list[Row]:
+    """A flow run named by the crash automation (flows/platform.py): if it is an image operation
+    that has ended, run its flow's own hooks for its final state (the image to ERROR, staged bytes
+    removed, also when no image was registered yet), then abandon any image it still holds."""
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(flow_run_id)
+        except ObjectNotFound:
+            return [row("flow run", flow_run_id, "left alone: no such flow run")]
+        flow = _operation_flows().get(client.read_flow(run.flow_id).name)
+    target = f"{run.name} ({run.id})"
+    state_type = run.state.type if run.state else None
+    if flow is None:
+        return [row("flow run", target, "left alone: not an image operation")]
+    if state_type not in _HOOKS:
+        return [row("flow run", target, f"left alone: it is {state_type.value if state_type else 'new'}")]
+    _run_hooks(flow, run)
+    report = [row("flow run", target, f"ran the {state_type.value} hooks of flow {flow.name}")]
+    for image in open_catalog().list():
+        if image.flow_run_id == str(run.id) and rules.awaits_operation(image):
+            report.append(_abandon(image, f"image {image.id} ({image.name}, {image.state.value})",
+                                   f"its flow run {run.name} ended {state_type.value}: "
+                                   f"{run.state.message or 'no message'}"))
+    return report
+
+
 def _abandon(image: Image, target: str, why: str) -> Row:
-    """`rules.abandon`, or for a clone target still holding its source `rules.finish_clone` on
-    both rows (the source is released in the same transaction)."""
+    """`operations.abandon` on the image as it was judged: fenced by the run it waited on, so an
+    image another run took up meanwhile is left alone."""
     reason = f"The operation on the image did not finish ({why})"
-    catalog = open_catalog()
-
-    def plan(read) -> list[Move]:
-        current = read(image.id)
-        if current is None:
-            return []
-        source_id = rules.held_clone_source(current)
-        if source_id is not None and current.state in rules.LOCKED_STATES:
-            source = read(source_id)
-            target_changes, source_changes = rules.finish_clone(current, source, reason)
-            moves = [Move(current, target_changes, f"reconcile: {why}")]
-            if source is not None and source_changes is not None:
-                moves.append(Move(source, source_changes, f"reconcile: clone to image {image.id} abandoned"))
-            return moves
-        return [Move(current, rules.abandon(current, reason), f"reconcile: {why}")]
-
     try:
-        moved = catalog.transition_all(plan, flow_run_id=current_flow_run_id())
-    except Refused as exc:  # someone moved it meanwhile
+        moved = operations.abandon(open_catalog(), image.id, reason, owner=image.flow_run_id,
+                                   writer=current_flow_run_id())
+    except (Refused, Superseded) as exc:  # someone moved it meanwhile
         return row("stuck image", target, f"left alone: {exc}")
     states = ", ".join(f"image {m.id} -> {m.state.value}" for m in moved) or "image gone"
     return row("stuck image", target, f"{why}: {states}")
@@ -197,26 +194,99 @@ def _image_area(store: S3Datastore) -> tuple[str, str]:
     return store.bucket, f"{store.prefix}images/"
 
 
+def _at(moment: datetime) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S}Z"
+
+
+def _unknown(what: str) -> str:
+    return f"left alone: no staging record or image knows it ({what}); another tool's, or an administrator's to judge"
+
+
+def _sweep_records(store: S3Datastore, datastore: str, cutoff: datetime, ttl_hours: float,
+                   sources: set[str]) -> list[Row]:
+    """Recorded uploads of `datastore`: one never registered whose last sign of life (its record,
+    its staged object, its multipart uploads) is older than the TTL is removed (object deleted,
+    multipart uploads aborted, record forgotten); a younger one is in flight and kept. A record
+    whose upload the catalog registered is forgotten once old (the image row knows it now)."""
+    catalog, records = open_catalog(), open_staging()
+    report = []
+    for record in records.list(datastore=datastore):
+        image = catalog.find_by_upload_id(record.upload_id)
+        if image is not None:
+            if record.recorded_at < cutoff and not rules.awaits_operation(image):
+                records.forget(record.upload_id, recorded_at=record.recorded_at)
+            continue
+        uploads = [u for u in store.list_multipart_uploads(record.bucket, record.key) if u["Key"] == record.key]
+        staged = [o for o in store.list_keys(record.bucket, record.key) if o["Key"] == record.key]
+        last = max([record.recorded_at, *(u["Initiated"] for u in uploads), *(o["LastModified"] for o in staged)])
+        recorded = f"recorded by {record.owner} ({record.group}) at {_at(record.recorded_at)}"
+        if last >= cutoff:
+            report.append(row("staged upload", record.uri, f"kept: in flight ({recorded}, last written "
+                                                             f"{_at(last)}: younger than {ttl_hours:g}h)"))
+            continue
+        if record.uri in sources or catalog.find_by_upload_id(record.upload_id) is not None:
+            continue  # registered meanwhile: the catalog knows it now
+        for upload in uploads:
+            store.abort_multipart_upload(record.bucket, record.key, upload["UploadId"])
+        if staged:
+            store.delete(store.ref(record.key, bucket=record.bucket))
+        records.forget(record.upload_id, recorded_at=record.recorded_at)
+        report.append(row("staged upload", record.uri, (
+            f"removed: {recorded}, never registered, nothing written for {ttl_hours:g}h"
+            f"{'; staged object deleted' if staged else ''}"
+            f"{f'; {len(uploads)} incomplete multipart upload(s) aborted' if uploads else ''}; record forgotten")))
+    return report
+
+
 @task(**IO_TASK)
 def sweep_staging(datastore: str, ttl_hours: float) -> list[Row]:
-    """Remove staged objects no image claims and abort incomplete multipart uploads, both older
-    than the TTL (younger ones may be uploads in flight)."""
+    """Remove what the service recorded and nobody finished, never anything else: uploads a
+    staging record knows that were never registered (`_sweep_records`), staged objects and
+    incomplete multipart uploads of images the catalog knows that no longer use them, all older
+    than the TTL; never an image's source, nor what an image waiting on its operation may still
+    use. Objects and multipart uploads no record or image knows are reported, whatever their age."""
     store = load_datastore(datastore)
     cutoff = _now() - timedelta(hours=ttl_hours)
-    referenced = _referenced(store, datastore)
+    catalog = open_catalog()
+    sources = {image.source for image in catalog.list() if image.source}
+    report = _sweep_records(store, datastore, cutoff, ttl_hours, sources)
+
+    recorded = {record.uri for record in open_staging().list(datastore=datastore)}  # in flight: kept above
+    claimed = set(sources)  # image objects: the audit's to judge
+    staged: dict[str, Image] = {}  # the staged bytes of registered uploads, by URI
+    written: dict[str, Image] = {}  # every object an image's operation writes, by URI
+    for image in catalog.list(datastore=datastore):
+        if image.upload_id:
+            target, staging = str(store.image_ref(image.upload_id)), str(store.staging_ref(image.upload_id))
+            claimed.add(target)
+            staged[staging] = written[staging] = written[target] = image
     bucket, prefix = store.staging_area()
-    report = []
     for obj in store.list_keys(bucket, prefix):
         uri = f"s3://{bucket}/{obj['Key']}"
-        if uri not in referenced and obj["LastModified"] < cutoff:
+        if uri in claimed or uri in recorded:
+            continue
+        image = staged.get(uri)
+        if image is None:
+            report.append(row("staging object", uri, _unknown(
+                f"{human_size(obj['Size'])}, last modified {_at(obj['LastModified'])}")))
+        elif not rules.awaits_operation(image) and obj["LastModified"] < cutoff:
             store.delete(store.ref(obj["Key"], bucket=bucket))
-            report.append(row("staging object", uri, f"removed: no image claims it, older than {ttl_hours:g}h"))
-    for area_bucket, area_prefix in {(bucket, prefix), _image_area(store)}:
+            report.append(row("staging object", uri, f"removed: staged for image {image.id} ({image.state.value}), "
+                                                     f"which does not use it, older than {ttl_hours:g}h"))
+
+    for area_bucket, area_prefix in sorted({(bucket, prefix), _image_area(store)}):
         for upload in store.list_multipart_uploads(area_bucket, area_prefix):
-            if upload["Initiated"] < cutoff:
+            uri = f"s3://{area_bucket}/{upload['Key']}"
+            if uri in recorded:
+                continue
+            image = written.get(uri)
+            if image is None:
+                report.append(row("incomplete multipart upload", uri, _unknown(f"started {_at(upload['Initiated'])}")))
+            elif not rules.awaits_operation(image) and upload["Initiated"] < cutoff:
                 store.abort_multipart_upload(area_bucket, upload["Key"], upload["UploadId"])
-                report.append(row("incomplete multipart upload", f"s3://{area_bucket}/{upload['Key']}",
-                                  f"aborted: started {upload['Initiated']:%Y-%m-%d %H:%M:%S}Z"))
+                report.append(row("incomplete multipart upload", uri, (
+                    f"aborted: started {_at(upload['Initiated'])} for image {image.id} ({image.state.value}), "
+                    f"which waits on no operation, older than {ttl_hours:g}h")))
     return report
 
 
@@ -229,19 +299,18 @@ def audit_objects(datastore: str) -> list[Row]:
     referenced = _referenced(store, datastore)
     report = []
     bucket, prefix = _image_area(store)
-    in_staging_area = (bucket, prefix) == store.staging_area()
-    for obj in store.list_keys(bucket, prefix):
+    in_staging_area = (bucket, prefix) == store.staging_area()  # then sweep_staging reports them
+    for obj in [] if in_staging_area else store.list_keys(bucket, prefix):
         uri = f"s3://{bucket}/{obj['Key']}"
         if uri not in referenced:
-            action = ("reported: no catalog row; removed as staging once older than the staging TTL"
-                      if in_staging_area else "reported: no catalog row claims it (left for an administrator)")
-            report.append(row("orphan object", uri, f"{action} ({human_size(obj['Size'])})"))
+            report.append(row("orphan object", uri, "reported: no catalog row claims it (left for an administrator) "
+                                                    f"({human_size(obj['Size'])})"))
     for image in catalog.list(datastore=datastore):
         if not rules.holds_bytes(image) or store.exists(ObjectRef.parse(datastore, image.source)):
             continue
         try:
             moved = catalog.transition(image.id, rules.object_missing, image.source,
-                                       flow_run_id=current_flow_run_id(), message="reconcile: object missing")
+                                       writer=current_flow_run_id(), message="reconcile: object missing")
         except Refused as exc:
             report.append(row("missing object", image.source, f"image {image.id} left alone: {exc}"))
             continue
@@ -314,7 +383,7 @@ def rehash_image(image_id: int) -> Row:
 
 def _scrub_transition(image: Image, target: str, rule, argument: str, what: str) -> Row:
     try:
-        moved = open_catalog().transition(image.id, rule, argument, flow_run_id=current_flow_run_id(),
+        moved = open_catalog().transition(image.id, rule, argument, writer=current_flow_run_id(),
                                           message=f"scrub: {what}")
     except HcxError as exc:  # moved meanwhile (deleted, disabled, ...): not ours to judge now
         return row("scrub", target, f"{what}; left alone: {exc}")

@@ -6,10 +6,13 @@ import tempfile
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.runtime import flow_run
 
 from blocks.datastore import ObjectInfo, ObjectRef, S3Datastore, load_datastore
+from catalog import rules
 from catalog.model import DiskFormat, Image, IntegrityError, StorageError
 from catalog.settings import get_settings
+from catalog.staging import open_staging
 from catalog.store import open_catalog
 from tasks import qemu, transfer
 from tasks.inspection import Inspection, inspect_stream
@@ -18,15 +21,19 @@ from tasks.retry import IO_TASK
 
 
 @task(**IO_TASK)
-def stage_local_file(path: str, datastore: str, upload_id: str) -> str:
-    """Step 1 of an upload given a path on the worker: copy it into the staging area. A retried
-    upload keeps what it staged before if the size is the one it registered (inspection re-hashes it)."""
+def stage_local_file(path: str, datastore: str, upload_id: str, *, owner: str, group: str) -> str:
+    """Step 1 of an upload given a path on the worker: copy it into the staging area, recorded
+    first (by `owner`) so that reconcile may sweep it. A retried upload keeps what it staged before
+    if the size is the one it registered (inspection re-hashes it)."""
     real = transfer.check_local_source(Path(path))
     store = load_datastore(datastore)
     staged = store.staging_ref(upload_id)
     registered = open_catalog().find_by_upload_id(upload_id)
+    rules.check_staging_target(registered, flow_run.get_id())  # never over a registered image's bytes
     if registered is not None and store.exists(staged) and store.head(staged).size == registered.size:
         return str(staged)
+    open_staging().record(upload_id=upload_id, datastore=datastore, bucket=staged.bucket, key=staged.key,
+                          owner=owner, group=group)
     progress = ProgressArtifact(real.stat().st_size, f"Staging {real.name} into {datastore}")
     transfer.stage_file(real, store, upload_id, progress=progress)
     progress.finish()
@@ -73,17 +80,17 @@ def delete_object(ref: ObjectRef) -> None:
 
 @task(**IO_TASK)
 def write_empty_image(image_id: int) -> transfer.InspectedObject:
-    """The empty disk of a LOCKED image into its datastore, at its object key. raw: zeros streamed
-    and hashed on the way (never whole in memory or on disk); qcow2: `qemu-img create` in a temp
-    directory, inspected again, then uploaded; the temp file goes whatever happens."""
+    """The empty disk of a LOCKED image into its datastore, at its object key. raw: zeros uploaded
+    part by part from /dev/zero and hashed meanwhile (never a part in memory, nothing on disk);
+    qcow2: `qemu-img create` in a temp directory, inspected again, then uploaded; the temp file goes
+    whatever happens."""
     image = open_catalog().get(image_id)
     store = load_datastore(image.datastore)
     ref = store.image_ref(image.upload_id)
     size = image.virtual_size
     if image.format is DiskFormat.RAW:
         progress = ProgressArtifact(size, f"Writing {size} zero bytes to {ref}")
-        info, sha256 = transfer.upload_stream(store, ref, transfer.zeros(size, get_settings().stream_chunk),
-                                              size=size, progress=progress)
+        info, sha256 = transfer.upload_zeros(store, ref, size=size, progress=progress)
         progress.finish()
         made = Inspection(format=DiskFormat.RAW, detected="raw", size=size, virtual_size=size, sha256=sha256)
         return transfer.InspectedObject(ref=ref, etag=info.etag, inspection=made)
@@ -117,6 +124,7 @@ def remove_image_objects(image_id: int) -> list[str]:
     """Delete every object of an image being deleted, abort its incomplete multipart uploads, and
     prove they are gone. Idempotent: what is already gone is fine."""
     image = open_catalog().get(image_id)
+    rules.owned_by(image, flow_run.get_id())  # a superseded delete run deletes nothing
     store = load_datastore(image.datastore)
     removed = []
     for ref in image_objects(store, image):

@@ -2,13 +2,16 @@
 
 Plain functions (the CLI calls them too); `tasks/objects.py` wraps them as retryable Prefect tasks.
 Memory stays bounded: bytes pass through in chunks of Settings.stream_chunk or, for multipart
-transfers, Settings.part_size * (max_concurrency + queued_parts).
+transfers of streams, Settings.part_size * (max_concurrency + queued_parts); an empty raw image is
+read from /dev/zero by name, part by part as it is sent, so it holds no part at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -47,26 +50,9 @@ class HashingReader:
         return self.digest.hexdigest()
 
 
-class ChunkReader:
-    """A read-only file-like object over an iterator of byte chunks (e.g. a generator): bytes are
-    made only as they are read, so neither memory nor disk ever holds the whole stream (at most
-    one `read` size plus one chunk)."""
-
-    def __init__(self, chunks: Iterator[bytes]):
-        self._chunks = iter(chunks)
-        self._buffer = bytearray()
-
-    def read(self, size: int = -1) -> bytes:
-        while size < 0 or len(self._buffer) < size:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._buffer += chunk
-        if size < 0:
-            size = len(self._buffer)
-        out = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return out
+# Where empty raw images come from: the kernel's zeros, read by s3transfer part by part as it
+# sends them (no part held in memory, no file on disk).
+ZERO_DEVICE = "/dev/zero"
 
 
 def zeros(size: int, chunk_size: int) -> Iterator[bytes]:
@@ -79,16 +65,34 @@ def zeros(size: int, chunk_size: int) -> Iterator[bytes]:
         remaining -= step
 
 
-def upload_stream(datastore: S3Datastore, ref: ObjectRef, chunks: Iterator[bytes], *, size: int,
-                  progress: Progress | None = None) -> tuple[ObjectInfo, str]:
-    """Upload a generated stream of exactly `size` bytes (multipart, bounded memory), hashing it on
-    the way; returns what the store holds and the sha256."""
-    reader = HashingReader(ChunkReader(chunks), progress)
-    info = datastore.upload(reader, ref, size_hint=size)
-    if reader.size != size or info.size != size:
+def sha256_of_zeros(size: int, chunk_size: int, stop: threading.Event | None = None) -> str | None:
+    """The sha256 of `size` zero bytes (None if `stop` was set first)."""
+    digest = hashlib.sha256()
+    for chunk in zeros(size, chunk_size):
+        if stop is not None and stop.is_set():
+            return None
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def upload_zeros(datastore: S3Datastore, ref: ObjectRef, *, size: int,
+                 progress: Progress | None = None) -> tuple[ObjectInfo, str]:
+    """`size` zero bytes at `ref` (a multipart upload from ZERO_DEVICE: memory stays bounded whatever
+    the size and part size), hashed meanwhile by another thread; returns what the store holds and
+    the sha256."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="hcx-sha256-zeros") as pool:
+        digest = pool.submit(sha256_of_zeros, size, get_settings().stream_chunk, stop)
+        try:
+            info = datastore.upload_path(ZERO_DEVICE, ref, size=size, progress=progress)
+        except BaseException:
+            stop.set()
+            raise
+        sha256 = digest.result()
+    if info.size != size:
         datastore.delete(ref)
-        raise IntegrityError(f"Upload to {ref}: {info.size} bytes stored, {reader.size} sent, {size} expected")
-    return info, reader.sha256
+        raise IntegrityError(f"Upload to {ref}: {info.size} bytes stored, {size} expected")
+    return info, sha256
 
 
 @dataclass(frozen=True)

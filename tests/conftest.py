@@ -7,6 +7,7 @@ import enum
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,56 @@ def raw_file(tmp_path) -> Path:
     return path
 
 
+# Real ISOs and partitioned disks (xorriso and sgdisk, from apt: scripts/setup.sh), and headers
+# patched to lie, all made in the test's temp dir (no binary is committed).
+ISO_DESCRIPTOR = 32 * 1024  # the primary volume descriptor follows the 32 KiB system area
+
+
+def make_iso(path: Path, hybrid: str | None = None) -> Path:
+    """An ISO 9660 image made by xorriso. hybrid="mbr": an MBR in its system area, as isohybrid
+    writes one; hybrid="gpt": a GPT with an appended EFI partition, as Ubuntu's ISOs are built."""
+    tree = path.with_name(f"{path.name}.tree")
+    (tree / "boot").mkdir(parents=True)
+    (tree / "boot" / "data.bin").write_bytes(os.urandom(256 * 1024 + 7))
+    args = ["xorriso", "-as", "mkisofs", "-quiet", "-o", str(path), "-V", "HCX_TEST"]
+    if hybrid == "mbr":
+        args += ["--protective-msdos-label"]
+    elif hybrid == "gpt":
+        efi = path.with_name(f"{path.name}.efi.img")
+        efi.write_bytes(bytes(1024 * 1024))
+        args += ["-partition_offset", "16", "--mbr-force-bootable", "-append_partition", "2", "0xef", str(efi),
+                 "-appended_part_as_gpt"]
+    subprocess.run([*args, str(tree)], check=True, capture_output=True)
+    return path
+
+
+def make_gpt_disk(path: Path, size: str = "16M") -> Path:
+    """A raw disk with a GPT (and its protective MBR) and one partition, made by sgdisk."""
+    qemu_img("create", "-q", "-f", "raw", str(path), size)
+    subprocess.run(["sgdisk", "-o", "-n", "1:2048:0", "-t", "1:8300", str(path)], check=True, capture_output=True)
+    return path
+
+
+def patch_file(path: Path, offset: int, data: bytes) -> Path:
+    """Overwrite bytes of a file in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return path
+
+
+def make_qcow2_claiming(path: Path, virtual_size: int) -> Path:
+    """A real qemu-img qcow2 whose header's size field (offset 24, big-endian u64) is patched."""
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "64M")
+    return patch_file(path, 24, struct.pack(">Q", virtual_size))
+
+
+def hide_qcow2_in(path: Path, qcow2: Path) -> Path:
+    """Put a qcow2 header in the first 440 bytes of `path` (an MBR's boot code area, before its
+    partition table): the bytes now match qcow2 too."""
+    return patch_file(path, 0, qcow2.read_bytes()[:440])
+
+
 # --- what must stay empty ---------------------------------------------------------------------
 
 def leftover_staging(store: S3Datastore) -> list[str]:
@@ -179,6 +230,9 @@ class CuttableProxy:
         self.target_port = target_port
         self.port = free_port()
         self._deny: re.Pattern | None = None
+        self._hold: re.Pattern | None = None
+        self._held = threading.Event()
+        self.holding = 0
         self.denied = 0
         self._down_until = 0.0
         self._conns: list[socket.socket] = []
@@ -207,8 +261,19 @@ class CuttableProxy:
     def deny(self, pattern: bytes | None) -> None:
         self._deny = re.compile(pattern) if pattern else None
 
+    def hold(self, pattern: bytes | None) -> None:
+        """Requests whose bytes match are held unanswered (the client waits, as on a stalled
+        server) until `hold(None)`, which drops their connections."""
+        if pattern:
+            self._held.clear()
+            self._hold = re.compile(pattern)
+        else:
+            self._hold = None
+            self._held.set()
+
     def close(self) -> None:
         self._stop = True
+        self._held.set()
         self._server.close()
 
     def _accept(self) -> None:
@@ -232,6 +297,11 @@ class CuttableProxy:
         the client sends it at once, after the previous response on the connection)."""
         try:
             while data := client.recv(65536):
+                hold = self._hold
+                if hold is not None and hold.search(data):
+                    self.holding += 1
+                    self._held.wait()
+                    break
                 deny = self._deny
                 if deny is not None and deny.search(data):
                     self.denied += 1
@@ -344,12 +414,31 @@ def put_image(catalog, unique_name):
             "running_vms": 0, "cloning_ops": 0, "snapshots": 0, "version": 0,
             "created_at": now, "updated_at": now, "upload_id": uuid.uuid4().hex,
         }
+        values["source"] = f"s3://hcx-images/images/{values['upload_id']}"  # the row's bytes are "in place"
         values.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in fields.items()})
         with catalog.engine.begin() as conn:
             image_id = conn.execute(images_table.insert().values(**values)).inserted_primary_key[0]
         return catalog.get(image_id)
 
     return make
+
+
+def register_image(catalog: Catalog, name: str, *, actor: Actor | None = None, state: ImageState = ImageState.READY,
+                   datastore: str = "default", limit_bytes: int | None = None, run_id: str | None = None,
+                   **fields) -> Image:
+    """A new image through the catalog's one insert path (rules, invariants, capacity lock), as a
+    flow registers it; a READY one records an object, as the lifecycle demands."""
+    from catalog import operations, rules
+    from catalog.model import Bus, DiskFormat
+
+    upload_id = fields.pop("upload_id", None) or uuid.uuid4().hex
+    if state is not ImageState.LOCKED:
+        fields.setdefault("source", f"s3://hcx-images/images/{upload_id}")
+    image = rules.new_image(actor=actor or ALICE, name=name, type_=fields.pop("type_", ImageType.OS),
+                            persistent=fields.pop("persistent", False), bus=Bus.VIRTIO,
+                            format_=fields.pop("format_", DiskFormat.QCOW2), datastore=datastore, run_id=run_id,
+                            upload_id=upload_id, state=state, **fields)
+    return operations.register(catalog, image, message="registered by a test", limit_bytes=limit_bytes)
 
 
 def object_keys(store: S3Datastore) -> list[str]:
@@ -423,10 +512,17 @@ class Platform:
             return api.get(f"/deployments/name/{name}/{name}").raise_for_status().json()["id"]
 
     def create_run(self, deployment: str, parameters: dict) -> httpx.Response:
-        """`POST /api/deployments/{id}/create_flow_run`, as any REST client would."""
+        """`POST /api/deployments/{id}/create_flow_run`, as any REST client would: a 503 (the
+        embedded server's SQLite was locked by a concurrent write) is asked again, as Prefect's own
+        client does."""
         with self.rest() as api:
-            return api.post(f"/deployments/{self.deployment_id(deployment)}/create_flow_run",
-                            json={"parameters": parameters})
+            for attempt in range(5):
+                reply = api.post(f"/deployments/{self.deployment_id(deployment)}/create_flow_run",
+                                 json={"parameters": parameters})
+                if reply.status_code != 503:
+                    break
+                time.sleep(1 + attempt)
+            return reply
 
     def flow_run(self, flow_run_id: str) -> dict:
         with self.rest() as api:
@@ -496,14 +592,13 @@ class Platform:
         return [pid for pid in (state.s3.pid, state.prefect.pid, state.worker.pid) if pid]
 
 
-@pytest.fixture(scope="session")
-def platform(tmp_path_factory) -> Platform:
-    """`hcx-image up` once per session in its own home and free ports; `hcx-image down` after,
-    and nothing it started may outlive the session."""
-    home = tmp_path_factory.mktemp("platform")
+@contextmanager
+def platform_up(home: Path, **settings: str):
+    """`hcx-image up` in `home` on free ports, with extra environment `settings` (HCX_*, PREFECT_*);
+    `hcx-image down` after, and nothing it started may outlive it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "HCX_"))}
     env.update(HCX_HOME=str(home), HCX_USER="alice", HCX_GROUP="users", HCX_WORKER_POLL_SECONDS="1",
-               PREFECT_HOME=str(home / "prefect-cli"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+               PREFECT_HOME=str(home / "prefect-cli"), PREFECT_SERVER_ANALYTICS_ENABLED="false", **settings)
     started = Platform(home, env)
     result = started.hcx("up", timeout=300)
     try:
@@ -516,6 +611,13 @@ def platform(tmp_path_factory) -> Platform:
         assert down.returncode == 0, down.stderr
         left = [pid for pid in (*pids, *below) if Stack.running(Service(pid=pid))]
         assert left == [], f"processes left running after `hcx-image down`: {left}"
+
+
+@pytest.fixture(scope="session")
+def platform(tmp_path_factory) -> Platform:
+    """`hcx-image up` once per session in its own home and free ports (see `platform_up`)."""
+    with platform_up(tmp_path_factory.mktemp("platform")) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
@@ -560,3 +662,32 @@ def browser_page():
             yield browser.new_page(viewport={"width": 1400, "height": 900})
         finally:
             browser.close()
+
+
+# --- PostgreSQL: on every machine of this project and in CI; missing it fails, never skips -----
+
+PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def pg_catalog():
+    """A catalog in a fresh PostgreSQL database, dropped afterwards."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        admin.connect().close()
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL does not answer on 127.0.0.1:5432 ({exc.__class__.__name__}): start it with "
+                    "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`")
+    name = f"hcx_test_{uuid.uuid4().hex[:10]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    catalog = Catalog(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+    try:
+        yield catalog
+    finally:
+        catalog.engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -17,6 +17,7 @@ from catalog.requests import CreateEmptyRequest
 from catalog.settings import get_settings
 from flows.create_empty import create_empty
 from tasks import transfer
+from tests.conftest import catalog_snapshot
 
 MiB = 1024 * 1024
 
@@ -54,20 +55,22 @@ def test_empty_qcow2_is_made_by_qemu_img_and_inspected(catalog, unique_name):
     assert set(Path(tempfile.gettempdir()).glob("hcx-empty-*")) == before  # the temp file is gone
 
 
-def test_raw_image_is_streamed_without_holding_it(catalog, unique_name, monkeypatch):
-    """80 MiB of zeros with transfers bounded to 5 MiB * (2 + 2): memory stays far below the image."""
+def test_raw_image_is_streamed_without_holding_a_part(catalog, unique_name, monkeypatch):
+    """192 MiB of zeros in 64 MiB parts: the parts are read from /dev/zero as they are sent, so the
+    flow never holds even one part (a stream upload buffers whole parts: what made `--size 100T`,
+    with its ~11 GiB parts, kill the process). Bound: half a part, whatever the image size."""
     settings = get_settings()
-    for name, value in (("part_size", 5 * MiB), ("max_concurrency", 2), ("queued_parts", 2)):
+    for name, value in (("part_size", 64 * MiB), ("max_concurrency", 2), ("queued_parts", 2)):
         monkeypatch.setattr(settings, name, value)
     tracemalloc.start()
     try:
-        image_id = create_empty(CreateEmptyRequest(owner="alice", name=unique_name(), size=80 * MiB))
+        image_id = create_empty(CreateEmptyRequest(owner="alice", name=unique_name(), size=192 * MiB))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     image = catalog.get(image_id)
-    assert (image.state, image.size, image.sha256) == (ImageState.READY, 80 * MiB, zeros_sha256(80 * MiB))
-    assert peak < 40 * MiB, f"peak {peak / MiB:.0f} MiB"
+    assert (image.state, image.size, image.sha256) == (ImageState.READY, 192 * MiB, zeros_sha256(192 * MiB))
+    assert peak < settings.part_size // 2, f"peak {peak / MiB:.0f} MiB"
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -77,6 +80,12 @@ def test_raw_image_is_streamed_without_holding_it(catalog, unique_name, monkeypa
     (["--size", "1M", "--skip-capacity-check"], 1, "Only an administrator may skip the datastore capacity check"),
     (["--size", "1M", "--driver", "qcow2", "--persistent", "--type", "CDROM"], 1, "cannot be created empty"),
     (["--size", "1M", "--path", "/etc/hostname"], 2, "give --path FILE to upload a file, or --size SIZE"),
+    (["--size", "100T"], 1, "Size 100T (109951162777600 bytes) is above the largest virtual size this service "
+                            "takes (64T, HCX_MAX_VIRTUAL_SIZE): ask for a smaller disk"),
+    (["--size", "100T", "--driver", "qcow2"], 1, "is above the largest virtual size this service takes (64T"),
+    (["--size", "50T"], 1, "A raw image of 50T (54975581388800 bytes) is stored at full size, as one object, and "
+                           "a datastore object holds at most 43.9T (S3 takes 9000 parts of 5 GiB here): use "
+                           "--driver qcow2"),
     ([], 2, "give --path FILE to upload a file, or --size SIZE"),
 ])
 def test_create_empty_refusals_change_nothing(cli, catalog, unique_name, store_objects, args, code, message):
@@ -86,6 +95,24 @@ def test_create_empty_refusals_change_nothing(cli, catalog, unique_name, store_o
     assert result.exit_code == code
     assert message in result.stderr + result.stdout
     assert (catalog.list(), store_objects(store)) == before
+
+
+@pytest.mark.parametrize("size, driver, message", [
+    ("100T", "raw", "Size 100T (109951162777600 bytes) is above the largest virtual size"),
+    (str(2**64 - 1), "qcow2", "is above the largest virtual size this service takes (64T"),
+    ("50T", "raw", "a datastore object holds at most 43.9T"),
+])
+def test_flow_refuses_an_impossible_size_from_any_caller(catalog, unique_name, store_objects, size, driver,
+                                                         message):
+    """The parameters as a deployment's REST API passes them (JSON): refused before anything is
+    registered or written, with the same message as the CLI."""
+    store = load_datastore("default")
+    before = (catalog_snapshot(catalog), store_objects(store))
+    state = create_empty({"owner": "alice", "name": unique_name(), "size": size, "driver": driver},
+                         return_state=True)
+    assert state.is_failed()
+    assert message in state.message
+    assert (catalog_snapshot(catalog), store_objects(store)) == before
 
 
 def test_create_refuses_what_does_not_fit_the_datastore(cli, catalog, stack_state, unique_name, raw_file,

@@ -35,7 +35,7 @@ def test_delete_frees_the_name_at_once_then_removes_objects_and_row(catalog, rea
     assert multipart["UploadId"] not in [u["UploadId"] for u in store.list_multipart_uploads(ref.bucket, ref.key)]
     assert catalog.find(image.id) is None
     assert [(h["from_state"], h["to_state"]) for h in catalog.history(image.id)][-3:] == [
-        ("READY", "DELETE"), ("DELETE", "DELETE"), ("DELETE", "GONE")]
+        ("READY", "DELETE"), ("DELETE", "DELETE"), ("DELETE", None)]
     assert staging_leftovers(store) == []
 
 
@@ -91,7 +91,7 @@ def test_force_deleting_a_locked_clone_releases_its_source(catalog, put_image, u
     source = put_image(S.READY)
     request = CloneRequest(owner="alice", source_id=source.id, name=unique_name())
     target = operations.begin_clone(catalog, ALICE, request, object_id=unique_name("obj"), limit_bytes=None,
-                                    flow_run_id=None)
+                                    run_id=None)
     assert catalog.get(source.id).state is S.USED
 
     delete(DeleteRequest(owner=ADMIN.user, group=ADMIN.group, image_id=target.id, force=True))
@@ -99,3 +99,36 @@ def test_force_deleting_a_locked_clone_releases_its_source(catalog, put_image, u
     assert catalog.find(target.id) is None
     released = catalog.get(source.id)
     assert (released.state, released.cloning_ops, released.cloning_id) == (S.READY, 0, None)
+
+
+def test_forced_delete_stops_the_running_upload_and_leaves_no_object(
+        catalog, cli, new_datastore, cuttable_proxy, raw_file, unique_name, store_objects):
+    """An upload is running in its own process (the CLI's background run), stuck in its server-side
+    copy; an administrator force-deletes the LOCKED image. The delete cancels that run and waits for
+    its process to end before removing objects: the run ends, the row goes, no object of the image
+    is left, and nothing the superseded run did afterwards changed the catalog."""
+    from prefect.client.orchestration import get_client
+
+    from tests.conftest import DENY_SERVER_COPIES
+
+    datastore = new_datastore(cuttable_proxy.endpoint, staging_bucket=True)
+    cuttable_proxy.hold(DENY_SERVER_COPIES)  # the copy into the image bucket never gets an answer
+    name = unique_name("inflight")
+    created = cli("create", "--name", name, "--type", "DATABLOCK", "--path", raw_file, "--datastore", datastore)
+    assert created.exit_code == 0, created.stderr
+    image = catalog.name_owner("alice", name)
+    assert image.state is S.LOCKED and image.flow_run_id
+    upload_run = image.flow_run_id
+
+    removed = delete(DeleteRequest(owner=ADMIN.user, group=ADMIN.group, image_id=image.id, force=True))
+    cuttable_proxy.hold(None)
+
+    with get_client(sync_client=True) as client:
+        ended = client.read_flow_run(upload_run).state
+    assert ended.is_final() and not ended.is_completed(), ended
+    assert catalog.find(image.id) is None
+    assert store_objects(load_datastore(datastore)) == []
+    assert any(image.upload_id in uri for uri in removed)
+    history = catalog.history(image.id)
+    deleted_at = next(i for i, h in enumerate(history) if h["to_state"] == "DELETE")
+    assert all(h["flow_run_id"] != upload_run for h in history[deleted_at:]), history

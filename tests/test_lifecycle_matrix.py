@@ -109,7 +109,7 @@ def run_operation(catalog, name: str, image: Image, new_name: str) -> Image:
     """The catalog operation a CLI verb or a flow's first step performs."""
     if name == "clone":
         request = CloneRequest(owner=ALICE.user, group=ALICE.group, source_id=image.id, name=new_name)
-        return operations.begin_clone(catalog, ALICE, request, object_id=new_name, limit_bytes=None, flow_run_id=None)
+        return operations.begin_clone(catalog, ALICE, request, object_id=new_name, limit_bytes=None, run_id=None)
     return {
         "delete": lambda: operations.delete(catalog, ALICE, image.id),
         "delete --force": lambda: operations.delete(catalog, ALICE, image.id, force=True),

@@ -12,9 +12,15 @@ import pytest
 from catalog import operations, rules
 from catalog.model import Bus, DiskFormat, ImageState, ImageType, PermissionDenied, Refused
 from catalog.requests import CloneRequest
-from tests.conftest import ADMIN, ALICE, BOB, all_at_once, catalog_snapshot
+from tests.conftest import ADMIN, ALICE, BOB, all_at_once, catalog_snapshot, register_image
 
 S = ImageState
+
+
+def copy_done(catalog, target_id: int):
+    """The clone's bytes are in place (as the flow records them), then the clone ends in success."""
+    catalog.transition(target_id, rules.record, source=f"s3://hcx-images/images/clone-{target_id}")
+    return operations.finish_clone(catalog, target_id, run_id=None, error=None)
 
 
 @pytest.fixture
@@ -35,7 +41,7 @@ def begin_clone(catalog, source_id: int, *, actor=ALICE, name: str | None = None
     name = name or f"clone-{uuid.uuid4().hex[:8]}"
     req = CloneRequest(owner=actor.user, group=actor.group, source_id=source_id, name=name, **request)
     return operations.begin_clone(catalog, actor, req, object_id=uuid.uuid4().hex, limit_bytes=None,
-                                  flow_run_id=None)
+                                  run_id=None)
 
 
 # --- clone -----------------------------------------------------------------------------------
@@ -92,7 +98,7 @@ def test_clone_end_releases_the_source(catalog, put_image, persistent, running_v
     if running_vms:
         catalog.transition(source.id, rules.vm_acquire)
     assert catalog.get(source.id).state is during
-    catalog.finish_clone(targets[0].id, error=None)
+    copy_done(catalog, targets[0].id)
     released = catalog.get(source.id)
     assert (released.state, released.cloning_ops, released.running_vms) == (after, ops - 1, running_vms)
     done = catalog.get(targets[0].id)
@@ -103,20 +109,20 @@ def test_clone_end_releases_the_source(catalog, put_image, persistent, running_v
 def test_failed_clone_errors_the_new_image_and_releases_the_source(catalog, put_image):
     source = put_image(S.READY)
     target = begin_clone(catalog, source.id)
-    catalog.finish_clone(target.id, error="copy s3://a/b: AccessDenied")
+    operations.finish_clone(catalog, target.id, run_id=None, error="copy s3://a/b: AccessDenied")
     failed, released = catalog.get(target.id), catalog.get(source.id)
     assert failed.state is S.ERROR and failed.cloning_id is None
     assert failed.error.endswith(f" : Error cloning from Image {source.id}: copy s3://a/b: AccessDenied")
     assert (released.state, released.cloning_ops) == (S.READY, 0)
     history = len(catalog.history(source.id))
-    catalog.finish_clone(target.id, error="again")  # a hook run twice changes nothing more
+    operations.finish_clone(catalog, target.id, run_id=None, error="again")  # a hook run twice changes nothing more
     assert len(catalog.history(source.id)) == history and catalog.get(target.id) == failed
 
 
 def test_retry_of_a_clone_takes_the_source_again(catalog, put_image):
     source = put_image(S.READY, persistent=True)
     target = begin_clone(catalog, source.id)
-    catalog.finish_clone(target.id, error="boom")
+    operations.finish_clone(catalog, target.id, run_id=None, error="boom")
     retried = operations.retry(catalog, ALICE, target.id)
     assert (retried.state, retried.cloning_id, retried.error) == (S.LOCKED, source.id, None)
     held = catalog.get(source.id)
@@ -127,7 +133,7 @@ def test_retry_of_a_clone_takes_the_source_again(catalog, put_image):
 def test_retry_of_a_clone_whose_source_cannot_be_cloned_is_refused(catalog, put_image, refused, source_state):
     source = put_image(S.READY)
     target = begin_clone(catalog, source.id)
-    catalog.finish_clone(target.id, error="boom")
+    operations.finish_clone(catalog, target.id, run_id=None, error="boom")
     if source_state is S.DISABLED:
         operations.disable(catalog, ALICE, source.id)
         message = f"Cannot clone image {source.id}, it is in state DISABLED"
@@ -136,7 +142,7 @@ def test_retry_of_a_clone_whose_source_cannot_be_cloned_is_refused(catalog, put_
         message = f"Cannot clone image {source.id}, it is in state DELETE"
     else:
         operations.delete(catalog, ALICE, source.id)
-        catalog.remove(source.id)
+        operations.remove(catalog, source.id, run_id=None)
         message = f"image {source.id}, which it was cloned from, no longer exists"
     refused(lambda: operations.retry(catalog, ALICE, target.id), message)
 
@@ -149,7 +155,7 @@ def test_a_failed_clone_still_holding_its_source_must_be_retried_or_deleted(cata
     refused(lambda: operations.enable(catalog, ALICE, target.id), "still holds image")
     operations.retry(catalog, ALICE, target.id)  # does not take the source a second time
     assert catalog.get(source.id).cloning_ops == 1
-    catalog.finish_clone(target.id, error=None)
+    copy_done(catalog, target.id)
     assert (catalog.get(source.id).state, catalog.get(source.id).cloning_ops) == (S.READY, 0)
 
 
@@ -157,7 +163,7 @@ def test_removing_a_force_deleted_clone_releases_its_source(catalog, put_image):
     source = put_image(S.READY)
     target = begin_clone(catalog, source.id)
     operations.delete(catalog, ADMIN, target.id, force=True)
-    catalog.remove(target.id)
+    operations.remove(catalog, target.id, run_id=None)
     assert catalog.find(target.id) is None
     assert (catalog.get(source.id).state, catalog.get(source.id).cloning_ops) == (S.READY, 0)
 
@@ -171,7 +177,7 @@ def test_a_delete_racing_clones_wins_only_against_no_clone(catalog, put_image, r
     def clone_and_finish(n: int):
         target = begin_clone(catalog, source.id)
         if n % 3:  # some finish before the delete may run, some hold the source to the end
-            catalog.finish_clone(target.id, error=None)
+            copy_done(catalog, target.id)
         return target
 
     *clones, deleted = all_at_once([*(functools.partial(clone_and_finish, n) for n in range(12)),
@@ -205,8 +211,7 @@ def test_force_delete_of_locked_image_by_owner_with_admin_bit(catalog, put_image
 def test_deleting_frees_the_name_at_once(catalog, put_image):
     image = put_image(S.READY)
     operations.delete(catalog, ALICE, image.id)
-    again = catalog.register(actor=ALICE, name=image.name, type_=ImageType.OS, persistent=False, bus=Bus.VIRTIO,
-                             format_=DiskFormat.RAW, datastore="default")
+    again = register_image(catalog, image.name)
     assert again.name == image.name and again.id != image.id
 
 
@@ -221,8 +226,7 @@ def test_failed_delete_keeps_the_name_free_and_enable_takes_it_back(catalog, put
     # once more, with the name taken meanwhile: enable is refused
     operations.delete(catalog, ALICE, image.id)
     catalog.transition(image.id, rules.delete_failed, "AccessDenied")
-    taker = catalog.register(actor=ALICE, name=image.name, type_=ImageType.OS, persistent=False, bus=Bus.VIRTIO,
-                             format_=DiskFormat.RAW, datastore="default")
+    taker = register_image(catalog, image.name)
     refused(lambda: operations.enable(catalog, ALICE, image.id), f"NAME is already taken by IMAGE {taker.id}")
     assert operations.retry(catalog, ALICE, image.id).state is S.DELETE  # a failed delete retries as a delete
 
@@ -317,9 +321,7 @@ def test_register_refuses_an_image_that_does_not_fit_and_writes_nothing(catalog,
     datastore = unique_name("cap")
 
     def register(size: int):
-        return catalog.register(actor=ALICE, name=unique_name(), type_=ImageType.OS, persistent=False,
-                                bus=Bus.VIRTIO, format_=DiskFormat.RAW, datastore=datastore, size=size,
-                                limit_bytes=1000)
+        return register_image(catalog, unique_name(), datastore=datastore, size=size, limit_bytes=1000)
 
     register(600)
     refused(lambda: register(401), f"Datastore {datastore} has no room for this image: it needs 401B (401 bytes) "
@@ -332,7 +334,7 @@ def test_clone_refused_when_the_target_datastore_is_full(catalog, put_image, ref
     source = put_image(S.READY, size=700, source="s3://hcx-images/images/x", source_etag='"e"')
     request = CloneRequest(owner="alice", source_id=source.id, name=unique_name(), datastore=unique_name("full"))
     refused(lambda: operations.begin_clone(catalog, ALICE, request, object_id=uuid.uuid4().hex, limit_bytes=500,
-                                           flow_run_id=None), "has no room for this image")
+                                           run_id=None), "has no room for this image")
     refused(lambda: operations.check_clone(catalog, ALICE, request, limit_bytes=500), "has no room for this image")
 
 
@@ -387,3 +389,49 @@ def test_vm_release(catalog, put_image, state, persistent, vms, ops, failed, exp
 def test_vm_release_without_a_vm_is_refused(catalog, put_image, refused):
     image = put_image(S.READY)
     refused(lambda: catalog.transition(image.id, rules.vm_release), f"Image {image.id} has no VM to release")
+
+
+# --- counters that used to drift (issue 8): each path ends where the counters say -------------
+
+def test_an_errored_persistent_image_in_use_cannot_be_disabled_and_enables_to_used_pers(catalog, put_image, refused):
+    """LOCKED_USED_PERS -> ERROR kept its VM: disable is refused (a VM uses it), enable gives
+    USED_PERS with RUNNING_VMS=1, and a second VM is refused: never two VMs on a persistent image."""
+    image = put_image(S.LOCKED_USED_PERS, persistent=True, running_vms=1)
+    catalog.transition(image.id, rules.fail, "copy failed")
+    refused(lambda: operations.disable(catalog, ALICE, image.id), "There are 1 VMs using it")
+    enabled = operations.enable(catalog, ALICE, image.id)
+    assert (enabled.state, enabled.running_vms) == (S.USED_PERS, 1)
+    refused(lambda: catalog.transition(image.id, rules.vm_acquire), "persistent and already in use")
+
+
+def test_an_image_whose_bytes_never_arrived_cannot_be_enabled(catalog, put_image, refused):
+    """A failed empty-image create (or clone) left no object: enable would make a READY image with
+    no bytes; it is refused with what to do, from ERROR and from DISABLED alike."""
+    image = put_image(S.ERROR, source=None, error="Mon Nov 23 10:00:00 2026 : Error copying image: boom")
+    refused(lambda: operations.enable(catalog, ALICE, image.id), "its bytes never reached its datastore")
+    operations.disable(catalog, ALICE, image.id)
+    refused(lambda: operations.enable(catalog, ALICE, image.id), "`retry` the operation that failed")
+
+
+def test_a_retried_delete_gives_up_the_name_a_rename_took(catalog, put_image):
+    image = put_image(S.READY)
+    operations.delete(catalog, ALICE, image.id)
+    catalog.transition(image.id, rules.delete_failed, "AccessDenied")
+    operations.rename(catalog, ALICE, image.id, "renamed-while-failed")
+    assert catalog.name_owner("alice", "renamed-while-failed").id == image.id
+    retried = operations.retry(catalog, ALICE, image.id)
+    assert (retried.state, retried.name_held) == (S.DELETE, False)
+    assert catalog.name_owner("alice", "renamed-while-failed") is None
+
+
+@pytest.mark.parametrize("state", [S.LOCKED, S.LOCKED_USED, S.LOCKED_USED_PERS, S.DELETE, S.ERROR, S.INIT])
+def test_export_only_of_settled_bytes(put_image, state):
+    persistent = state is S.LOCKED_USED_PERS
+    image = put_image(state, persistent=persistent, running_vms=1 if state in (S.LOCKED_USED, S.LOCKED_USED_PERS) else 0)
+    with pytest.raises(Refused, match="its bytes are not settled in its datastore"):
+        rules.check_export(image)
+
+
+@pytest.mark.parametrize("state", [S.READY, S.USED, S.DISABLED])
+def test_export_of_settled_bytes_is_allowed(put_image, state):
+    rules.check_export(put_image(state, running_vms=1 if state is S.USED else 0))

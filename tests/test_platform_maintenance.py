@@ -1,6 +1,7 @@
-"""The scheduled flows, run on the platform's worker through their deployments: reconcile (an
-image left LOCKED by a killed worker, orphan staging objects, incomplete multipart uploads, orphan
-and missing image objects) and scrub (re-hash). Monitor runs in tests/test_platform_flows.py."""
+"""The scheduled flows, run on the platform's worker through their deployments: reconcile (a
+recorded upload never registered, staging objects and
+incomplete multipart uploads nothing recorded (reported, left alone), orphan and missing image
+objects) and scrub (re-hash). Monitor runs in tests/test_platform_flows.py."""
 
 from __future__ import annotations
 
@@ -8,61 +9,23 @@ import hashlib
 import io
 import json
 import os
-import signal
-import time
 import uuid
 
-import pytest
-
 from blocks.datastore import ObjectRef
-from catalog.model import Bus, DiskFormat, ImageState, ImageType
+from catalog.model import DiskFormat, ImageState, ImageType
 from catalog.permissions import Actor
-from cli.stack import descendants
+from catalog.staging import StagingRecords
+from tests.conftest import register_image
 
 ALICE = Actor(user="alice", group="users")
-
-
-def _kill_worker(platform) -> None:
-    """SIGKILL the worker and every process below it (the flow run it is executing), at once."""
-    worker = platform.state.worker.pid
-    for pid in (*reversed(descendants(worker)), worker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _upload_killed_while_locked(platform, source):
-    """An upload through the deployment whose worker is killed while the image is LOCKED (the
-    copy runs then for a fraction of a second: a lost race is tried again)."""
-    for _ in range(3):
-        upload_id = platform.stage(source)
-        reply = platform.create_run("upload", {"request": {"owner": "alice", "name": f"killed-{upload_id[:6]}",
-                                                           "upload_id": upload_id}})
-        assert reply.status_code == 201, reply.text
-        deadline = time.monotonic() + 90
-        image = None
-        while time.monotonic() < deadline and image is None:
-            image = platform.catalog.find_by_upload_id(upload_id)
-            time.sleep(0.005)
-        assert image is not None, "the worker never registered the upload"
-        _kill_worker(platform)
-        image = platform.catalog.get(image.id)
-        if image.state is ImageState.LOCKED:
-            return image, reply.json()["id"]
-        platform.hcx("up")  # lost the race: the run finished; start a worker and try again
-    pytest.fail("could not kill the worker while the image was LOCKED in 3 attempts")
 
 
 def _plant_ready_image(platform, store, data: bytes, name: str):
     """A READY row whose object holds `data` (as an upload leaves it)."""
     key = f"images/planted-{uuid.uuid4().hex}"
     store.upload(io.BytesIO(data), store.ref(key))
-    return platform.catalog.register(
-        actor=ALICE, name=name, type_=ImageType.DATABLOCK, persistent=False, bus=Bus.VIRTIO,
-        format_=DiskFormat.RAW, datastore="default", state=ImageState.READY,
-        source=f"s3://{store.bucket}/{key}", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-    )
+    return register_image(platform.catalog, name, actor=ALICE, type_=ImageType.DATABLOCK, format_=DiskFormat.RAW,
+                          source=f"s3://{store.bucket}/{key}", size=len(data), sha256=hashlib.sha256(data).hexdigest())
 
 
 def _report(platform, flow_run_id: str, key: str) -> list[dict]:
@@ -71,14 +34,9 @@ def _report(platform, flow_run_id: str, key: str) -> list[dict]:
     return json.loads(found[0]["data"])
 
 
-def test_reconcile_settles_killed_worker_image_and_sweeps_orphans(platform, tmp_path, finished_upload):
-    source = tmp_path / "victim.raw"  # adopted where it is staged: the copy takes no longer for more bytes
-    source.write_bytes(os.urandom(4 * 1024 * 1024))
-    locked, killed_run = _upload_killed_while_locked(platform, source)
-    assert platform.flow_run(killed_run)["state_type"] == "RUNNING"  # nobody told Prefect
-    up = platform.hcx("up")  # a new worker, as an operator would start
-    assert up.returncode == 0, up.stderr
-
+def test_reconcile_settles_orphans_and_audits_objects(platform, tmp_path, finished_upload):
+    """A run whose process died is Prefect's to mark CRASHED and reconcile's to settle on that
+    crash: tests/test_platform_deadruns.py kills them."""
     store = platform.datastore("default")
     orphan = store.staging_ref(f"orphan-{uuid.uuid4().hex}")
     store.upload(io.BytesIO(b"left behind by a crashed client" * 100), orphan)
@@ -96,40 +54,37 @@ def test_reconcile_settles_killed_worker_image_and_sweeps_orphans(platform, tmp_
     second.upload(io.BytesIO(b"x" * 4096), stray_image_object)
     old_staged = second.staging_ref("abandoned-" + uuid.uuid4().hex)
     second.upload(io.BytesIO(b"y" * 4096), old_staged)
+    recorded_id = uuid.uuid4().hex  # recorded by a client that staged it, then died before registering
+    recorded = second.staging_ref(recorded_id)
+    StagingRecords(platform.catalog.engine).record(upload_id=recorded_id, datastore=ds, bucket=recorded.bucket,
+                                                   key=recorded.key, owner="alice", group="users")
+    second.upload(io.BytesIO(b"z" * 4096), recorded)
     intact = platform.catalog.get(finished_upload["image"].id)
 
-    reply = platform.create_run("reconcile", {"staging_ttl_hours": 0, "stale_after_seconds": 2})
+    reply = platform.create_run("reconcile", {"staging_ttl_hours": 0, "stale_after_seconds": 2,
+                                              "requested_by": {"owner": "root", "group": "oneadmin"}})
     assert reply.status_code == 201, reply.text
     run = platform.wait_run(reply.json()["id"])
     assert run["state_type"] == "COMPLETED", run["state"]
 
-    # the image of the killed worker: its run marked CRASHED, the upload's own hooks ran -> ERROR
-    settled = platform.catalog.get(locked.id)
-    assert settled.state is ImageState.ERROR
-    assert "Error copying image in the datastore" in settled.error and "marked crashed by reconcile" in settled.error
-    assert platform.flow_run(killed_run)["state_type"] == "CRASHED"
-    summary = [a for a in platform.artifacts(killed_run) if a["key"] == "upload-failure"]
-    assert summary and "The process running this flow died" in summary[0]["data"]
-    assert [e["event"] for e in platform.wait_for_events("hcx.image.", f"hcx.image.{locked.id}")] == \
-        ["hcx.image.error"]
-
-    # objects: staging orphans and the stalled multipart upload are gone, an unclaimed image object stays
-    assert not store.exists(orphan)
-    assert stalled_key not in [u["Key"] for u in store.list_multipart_uploads(bucket, prefix)]
-    assert not second.exists(old_staged)
+    # objects: the recorded upload never registered is gone; what nothing recorded stays, reported
+    assert not second.exists(recorded) and StagingRecords(platform.catalog.engine).find(recorded_id) is None
+    assert store.exists(orphan)
+    assert stalled_key in [u["Key"] for u in store.list_multipart_uploads(bucket, prefix)]
+    assert second.exists(old_staged)
     assert second.exists(stray_image_object)
     missing = platform.catalog.get(vanished.id)
     assert missing.state is ImageState.ERROR and "is missing from the datastore" in missing.error
     assert platform.catalog.get(intact.id) == intact  # what is fine is left alone
 
     report = {(r["kind"], r["target"]): r["action"] for r in _report(platform, run["id"], "reconcile-report")}
-    assert report[("staging object", str(orphan))].startswith("removed")
-    assert report[("staging object", str(old_staged))].startswith("removed")
-    assert report[("incomplete multipart upload", f"s3://{bucket}/{stalled_key}")].startswith("aborted")
+    assert report[("staged upload", str(recorded))].startswith("removed: recorded by alice (users)")
+    assert report[("staging object", str(orphan))].startswith("left alone: no staging record or image knows it")
+    assert report[("staging object", str(old_staged))].startswith("left alone")
+    assert report[("incomplete multipart upload", f"s3://{bucket}/{stalled_key}")].startswith("left alone")
     assert report[("orphan object", str(stray_image_object))].startswith("reported")
     assert report[("missing object", vanished.source)].endswith("-> ERROR")
-    stuck = [action for (kind, target), action in report.items() if kind == "stuck image"]
-    assert len(stuck) == 1 and "CRASHED" in stuck[0] and "now ERROR" in stuck[0]
+    assert [kind for kind, _ in report if kind == "stuck image"] == []
     moved = _report(platform, run["id"], "reconcile-images")
     assert [(r["id"], r["state"]) for r in moved] == [(vanished.id, "ERROR")]
 
@@ -146,7 +101,7 @@ def test_scrub_moves_a_damaged_image_to_error_and_keeps_intact_ones(platform, tm
     damaged = platform.catalog.get(bad.id)
     assert damaged.state is ImageState.ERROR and "Checksum mismatch" in damaged.error
 
-    run_id = damaged.flow_run_id
+    run_id = result.stdout.split("FLOW RUN: ", 1)[1].split()[0]
     assert platform.flow_run(run_id)["deployment_id"] == platform.deployment_id("scrub")
     report = {r["target"]: r["action"] for r in _report(platform, run_id, "scrub-report")}
     assert report[f"image {good.id} ({good.name})"].startswith("ok")

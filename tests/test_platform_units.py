@@ -3,7 +3,11 @@ maintenance rules, the failure summary, and the deployments described from the f
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -16,7 +20,8 @@ from catalog.model import Bus, DiskFormat, Image, ImageState, ImageType, Refused
 from catalog.settings import Settings
 from flows import heartbeat
 from flows.launcher import deployable, maintenance, registry
-from flows.platform import STAGED_EVENT, deployment_specs, render_prefect_yaml
+import flows.launcher as launcher_module
+from flows.platform import STAGED_EVENT, automation_specs, deployment_specs, render_prefect_yaml
 from flows.reporting import failure_markdown, redact
 from tests.conftest import REPO_ROOT
 
@@ -29,20 +34,36 @@ def empty_flow() -> int:
 
 
 def test_the_heartbeat_change_is_in_place_for_the_prefect_it_was_read_from():
-    """The time it saves is measured by bench/flow_run_overhead.py; here only that it is the code
-    in use, and that an upgrade of Prefect makes someone re-read `flow_engine._send_heartbeats`."""
+    """The time it saves is measured by bench/flow_run_overhead.py; here only that the version it
+    was read from is the one installed, so an upgrade of Prefect makes someone re-read
+    `flow_engine._send_heartbeats`."""
     import prefect
-    from prefect import flow_engine
 
     assert prefect.__version__ == heartbeat.PATCHED_PREFECT_VERSION, (
         "Prefect changed: compare prefect.flow_engine._send_heartbeats with flows/heartbeat.py, then "
         "update PATCHED_PREFECT_VERSION")
-    assert heartbeat.installed(), "flows/__init__.py installs the heartbeat change"
-    assert flow_engine._send_heartbeats is heartbeat._send_heartbeats
     assert heartbeat.PREFECT_SEND_HEARTBEATS is not heartbeat._send_heartbeats
 
 
+def _patched_in_a_fresh_process(code: str) -> bool:
+    check = (f"{code}\nfrom prefect import flow_engine\n"
+             "print(getattr(flow_engine._send_heartbeats, 'hcx_patched', False))")
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_the_heartbeat_change_is_installed_only_where_flows_run():
+    """Importing the flows or the CLI changes nothing in Prefect; resolving a deployment entrypoint
+    (what a worker's flow-run process does) and the local launcher's `execute` install it."""
+    assert not _patched_in_a_fresh_process("import flows, flows.upload, flows.launcher, flows.platform, cli.main")
+    assert _patched_in_a_fresh_process(
+        "from prefect.flows import load_flow_from_entrypoint\nload_flow_from_entrypoint('flows.launcher.upload')")
+    assert "heartbeat.install()" in inspect.getsource(launcher_module.execute)
+
+
 def test_heartbeats_are_still_sent(prefect_api):
+    heartbeat.install()  # as in a process that runs flows
     state = empty_flow(return_state=True)
     run_id = state.state_details.flow_run_id
     deadline = time.monotonic() + 20
@@ -122,3 +143,30 @@ def test_every_registered_flow_gets_a_deployment():
 def test_prefect_yaml_is_current():
     assert (REPO_ROOT / "prefect.yaml").read_text() == render_prefect_yaml(), \
         "prefect.yaml is out of date: run `hcx-image platform yaml`"
+
+
+def test_intervals_are_settings_and_the_dead_run_automations_follow_them():
+    settings = Settings(reconcile_every=40, monitor_every=0, scrub_every=7200, stale_run_seconds=75)
+    specs = {spec["name"]: spec for spec in deployment_specs(settings)}
+    assert {name: [s["interval"] for s in specs[name]["schedules"]] for name in maintenance()} == \
+        {"reconcile": [40], "monitor": [], "scrub": [7200]}
+    from prefect.events.schemas.automations import AutomationCore
+
+    reconcile_id = str(uuid.uuid4())
+    zombie, crashed = [AutomationCore.model_validate(a) for a in automation_specs(settings, reconcile_id)]
+    assert zombie.trigger.posture.value == "Proactive" and zombie.trigger.within == timedelta(seconds=75)
+    assert zombie.trigger.expect >= {"prefect.flow-run.heartbeat", "prefect.flow-run.Crashed"}
+    assert zombie.trigger.after == {"prefect.flow-run.Running", "prefect.flow-run.heartbeat"}
+    assert zombie.trigger.for_each == {"prefect.resource.id"}
+    assert zombie.actions[0].type == "change-flow-run-state" and zombie.actions[0].state.value == "CRASHED"
+    assert crashed.trigger.expect == {"prefect.flow-run.Crashed"}
+    assert str(crashed.actions[0].deployment_id) == reconcile_id
+    assert crashed.actions[0].parameters["flow_run_ids"] == [
+        "{{ event.resource.id | replace('prefect.flow-run.', '') }}"]
+    judged = crashed.trigger.match_related.model_dump()["prefect.resource.name"]
+    assert sorted(judged) == sorted(f.name for n, f in deployable().items() if n in registry())
+
+
+def test_a_stale_run_limit_below_the_heartbeat_is_refused_with_what_to_do():
+    with pytest.raises(ValueError, match=r"HCX_STALE_RUN_SECONDS \(60\) must be above HCX_HEARTBEAT_SECONDS \(60\)"):
+        Settings(heartbeat_seconds=60, stale_run_seconds=60)

@@ -35,7 +35,7 @@ def test_failed_upload_recovers_with_retry(catalog, make_request, unique_name, n
     assert state.is_failed()
     image = catalog.find_by_upload_id(upload_id)
     assert image.state is ImageState.ERROR and " : Error copying image in the datastore: " in image.error
-    assert "AccessDenied" in image.error and image.last_operation["op"] == Operation.UPLOAD.value
+    assert "AccessDenied" in image.error and image.last_operation.op is Operation.UPLOAD
     assert store.exists(staged) and image.source == str(staged)  # kept for the retry, claimed by the image
     assert staging_leftovers(store) == []
 
@@ -66,7 +66,7 @@ def test_cli_retry_stages_the_recorded_file_again_only_if_unchanged(cli, catalog
     result = cli("create", "--name", unique_name(), "--datastore", ds, "--path", kept, "--wait")
     assert result.exit_code == 1 and "is in ERROR" in result.stderr
     failed = catalog.get(int(re.search(r"ID: (\d+)", result.stdout).group(1)))
-    assert failed.last_operation["request"]["client_path"] == str(kept.resolve())
+    assert failed.last_operation.request["client_path"] == str(kept.resolve())
     # The other one as the CLI would have sent it, failed the same way (in-process: quicker).
     upload_id = unique_name("cli")
     store.upload(io.BytesIO(changed.read_bytes()), store.staging_ref(upload_id))

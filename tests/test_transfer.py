@@ -10,7 +10,8 @@ import os
 import pytest
 
 from blocks.datastore import S3Datastore
-from catalog.model import DiskFormat, IntegrityError
+from catalog.model import DiskFormat, IntegrityError, Refused
+from catalog.settings import S3_MAX_OBJECT
 from tasks import transfer
 
 
@@ -88,3 +89,31 @@ def test_huge_objects_get_parts_under_the_s3_limit():
     config = S3Datastore.transfer_config(size_hint=200 * 1024**3)
     assert 200 * 1024**3 / config.multipart_chunksize <= 10_000
     assert S3Datastore.transfer_config().multipart_chunksize == 8 * 1024 * 1024
+
+
+def test_upload_path_reads_a_device_for_the_size_given(stores):
+    """/dev/zero has no size of its own: the size given is what is uploaded, in parts, with progress."""
+    near, _ = stores
+    ref = near.ref("images/zeros")
+    size = 2 * S3Datastore.transfer_config().multipart_chunksize + 12_345
+    moved = []
+    info = near.upload_path(transfer.ZERO_DEVICE, ref, size=size, progress=moved.append)
+    assert info.size == size == sum(moved)
+    assert info.etag.strip('"').endswith("-3")  # a multipart upload of three parts
+    body, _ = near.open_read(ref)
+    assert hashlib.sha256(body.read()).hexdigest() == transfer.sha256_of_zeros(size, 1024 * 1024)
+
+
+def test_an_object_larger_than_a_datastore_holds_is_refused_before_anything_is_written(stores):
+    near, _ = stores
+    ref = near.ref("images/too-big")
+    with pytest.raises(Refused, match=r"more than a datastore holds \(43.9T: S3 takes at most 9000 parts of 5 GiB"):
+        transfer.upload_zeros(near, ref, size=S3_MAX_OBJECT + 1)
+    assert not near.exists(ref)
+    assert near.list_multipart_uploads(near.bucket, "") == []
+
+
+def test_the_largest_object_gets_parts_s3_takes():
+    config = S3Datastore.transfer_config(size_hint=S3_MAX_OBJECT)
+    assert config.multipart_chunksize <= 5 * 1024**3
+    assert S3_MAX_OBJECT / config.multipart_chunksize <= 10_000

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
+import struct
 import threading
 
 import pytest
@@ -12,7 +14,7 @@ import pytest
 from blocks.datastore import ObjectRef, S3Datastore, load_datastore
 from catalog.model import DiskFormat, ImageState, ImageType
 from flows.upload import upload
-from tests.conftest import qemu_img
+from tests.conftest import ISO_DESCRIPTOR, catalog_snapshot, make_iso, make_qcow2_claiming, patch_file, qemu_img
 
 
 def sha256_of(path) -> str:
@@ -70,6 +72,12 @@ def _object_count(store: S3Datastore) -> int:
     return len(store.list_keys(store.bucket, store.prefix))
 
 
+def iso_hiding_qcow2(path, qcow2_file):
+    """A real ISO whose system area is a qcow2's first 32 KiB (a format hidden in another)."""
+    iso = make_iso(path)
+    return patch_file(iso, 0, qcow2_file.read_bytes()[:ISO_DESCRIPTOR])
+
+
 @pytest.fixture
 def refused_args(tmp_path, raw_file, qcow2_file):
     """The `create` arguments of each refusal case, given the name to use."""
@@ -77,7 +85,16 @@ def refused_args(tmp_path, raw_file, qcow2_file):
     qemu_img("create", "-q", "-f", "vmdk", str(vmdk), "16M")
     child = tmp_path / "child.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(qcow2_file), "-F", "qcow2", str(child))
+    empty = tmp_path / "empty.raw"
+    empty.touch()
+    eib = make_qcow2_claiming(tmp_path / "eib.qcow2", 2**60)
+    u64_max = make_qcow2_claiming(tmp_path / "max.qcow2", 2**64 - 1)
+    hidden = iso_hiding_qcow2(tmp_path / "hidden.iso", qcow2_file)
     return {
+        "empty": lambda name: ["--name", name, "--path", empty],
+        "eib_qcow2": lambda name: ["--name", name, "--path", eib],
+        "u64_max_qcow2": lambda name: ["--name", name, "--path", u64_max, "--driver", "qcow2"],
+        "qcow2_in_iso": lambda name: ["--name", name, "--type", "CDROM", "--path", hidden],
         "mismatch": lambda name: ["--name", name, "--path", raw_file, "--driver", "qcow2"],
         "unknown": lambda name: ["--name", name, "--path", vmdk],
         "missing": lambda name: ["--name", name, "--path", tmp_path / "no-such-file"],
@@ -96,6 +113,10 @@ def refused_args(tmp_path, raw_file, qcow2_file):
         ("duplicate", "NAME is already taken by IMAGE"),
         ("persistent_cdrom", "A CDROM image is always non-persistent"),
         ("backing_file", "refused as unsafe (qcow2)"),
+        ("empty", "is empty (0 bytes): there is no disk in it"),
+        ("eib_qcow2", "header claims a virtual size of 1048576T (1152921504606846976 bytes), above the largest"),
+        ("u64_max_qcow2", "header claims a virtual size of 16777216T (18446744073709551615 bytes)"),
+        ("qcow2_in_iso", "matches several formats at once (iso, qcow2): one format is hidden in another"),
     ],
 )
 def test_refusals_change_nothing(cli, catalog, default_store, staging_leftovers, raw_file, unique_name,
@@ -132,6 +153,60 @@ def test_flow_refusal_of_staged_object_deletes_it(default_store, catalog, make_r
     assert catalog.list() == before
     assert not default_store.exists(default_store.staging_ref(upload_id))
     assert staging_leftovers(default_store) == []
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "is empty (0 bytes)"),
+    ("eib_qcow2", "header claims a virtual size of 1048576T"),
+    ("u64_max_qcow2", "header claims a virtual size of 16777216T (18446744073709551615 bytes)"),
+    ("qcow2_in_iso", "matches several formats at once (iso, qcow2)"),
+])
+def test_flow_refuses_staged_bytes_of_impossible_size_or_hidden_format(
+        default_store, catalog, make_request, unique_name, staging_leftovers, tmp_path, qcow2_file, case, message):
+    """Bytes staged by another tool (or the REST API): refused by the flow's inspection, nothing
+    registered, the staged object gone."""
+    path = {
+        "empty": lambda: tmp_path / "empty.raw",
+        "eib_qcow2": lambda: make_qcow2_claiming(tmp_path / "eib.qcow2", 2**60),
+        "u64_max_qcow2": lambda: make_qcow2_claiming(tmp_path / "max.qcow2", 2**64 - 1),
+        "qcow2_in_iso": lambda: iso_hiding_qcow2(tmp_path / "hidden.iso", qcow2_file),
+    }[case]()
+    data = path.read_bytes() if path.exists() else b""
+    upload_id = unique_name("ext")
+    default_store.upload(io.BytesIO(data), default_store.staging_ref(upload_id))
+    before = catalog_snapshot(catalog)
+    state = upload(make_request(unique_name(), upload_id=upload_id, type=ImageType.CDROM), return_state=True)
+    assert state.is_failed()
+    assert message in state.message
+    assert catalog_snapshot(catalog) == before
+    assert not default_store.exists(default_store.staging_ref(upload_id))
+    assert staging_leftovers(default_store) == []
+
+
+@pytest.mark.parametrize("hybrid, type_", [("gpt", "CDROM"), ("mbr", "OS")])
+def test_hybrid_iso_is_registered_raw_with_its_byte_size(cli, catalog, tmp_path, unique_name, default_store,
+                                                        staging_leftovers, hybrid, type_):
+    """A bootable ISO as distributions ship it (ISO 9660 plus an MBR/GPT for USB sticks) is raw, as
+    a CDROM or an OS image, and its virtual size is its byte size."""
+    iso = make_iso(tmp_path / "distro.iso", hybrid=hybrid)
+    result = cli("create", "--name", unique_name("iso"), "--type", type_, "--path", iso, "--wait")
+    assert result.exit_code == 0, result.stderr
+    image = catalog.get(image_id_from(result.stdout))
+    assert (image.state, image.type, image.format) == (ImageState.READY, ImageType(type_), DiskFormat.RAW)
+    assert image.size == image.virtual_size == iso.stat().st_size
+    assert image.sha256 == sha256_of(iso)
+    assert "iso+gpt" in catalog.history(image.id)[0]["message"]
+    assert staging_leftovers(default_store) == []
+
+
+def test_iso_whose_descriptor_lies_is_recorded_with_its_byte_size(catalog, make_request, unique_name, tmp_path):
+    """The volume descriptor claims 0xFFFFFFFF blocks of 64 KiB (~256 TiB); the bytes are < 1 MiB."""
+    iso = make_iso(tmp_path / "liar.iso")
+    patch_file(iso, ISO_DESCRIPTOR + 80, struct.pack("<I", 0xFFFFFFFF) + struct.pack(">I", 0xFFFFFFFF))
+    patch_file(iso, ISO_DESCRIPTOR + 128, struct.pack("<H", 0xFFFF) + struct.pack(">H", 0xFFFF))
+    image = catalog.get(upload(make_request(unique_name(), path=str(iso), type=ImageType.CDROM)))
+    assert image.state is ImageState.READY
+    assert image.size == image.virtual_size == iso.stat().st_size
 
 
 def test_upload_from_worker_path_and_datastore_with_separate_staging_bucket(
