@@ -119,8 +119,6 @@ def check_clone(catalog: Catalog, actor: Actor, request: CloneRequest, *, limit_
     atomically); returns the source."""
     source = catalog.get_for(actor, request.source_id, Right.USE)
     rules.clone_source_acquire(source, 0)
-    if not source.source or not source.source_etag:
-        raise Refused(f"Image {source.id} records no object to clone from (it was never copied into its datastore).")
     rules.validate_new_image(type_=source.type, persistent=request.persistent)
     rules.validate_name(request.name)
     catalog.check_name_free(actor.user, request.name)

@@ -124,6 +124,8 @@ def clone_source_acquire(image: Image, clone_id: int) -> Changes:
         raise _refuse_state(image, "clone")
     if image.persistent and image.snapshots:
         raise Refused(f"Cannot clone image {image.id}: it is persistent and has snapshots; flatten it first.")
+    if not image.source or not image.source_etag:
+        raise Refused(f"Image {image.id} records no object to clone from (it was never copied into its datastore).")
     if image.state is S.READY:
         state = S.CLONE if image.persistent else S.USED
     else:

@@ -108,11 +108,10 @@ def begin_clone(request: CloneRequest, object_id: str) -> Image:
     if existing is not None:  # a retry, or this task retried
         rules.clone_resume(existing)
         return take_up(existing)
-    source = catalog.get_for(request.actor(), request.source_id, Right.USE)
-    store = load_datastore(request.datastore or source.datastore)
-    operations.check_clone(catalog, request.actor(), request, limit_bytes=store.limit_bytes)
-    return operations.begin_clone(catalog, request.actor(), request, object_id=object_id,
-                                  limit_bytes=store.limit_bytes, run_id=current_flow_run_id())
+    source = catalog.get_for(request.actor(), request.source_id, Right.USE)  # whose datastore, by default
+    limit = load_datastore(request.datastore or source.datastore).limit_bytes
+    return operations.begin_clone(catalog, request.actor(), request, object_id=object_id, limit_bytes=limit,
+                                  run_id=current_flow_run_id())
 
 
 # --- empty images ----------------------------------------------------------------------------

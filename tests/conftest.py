@@ -414,7 +414,7 @@ def put_image(catalog, unique_name):
             "running_vms": 0, "cloning_ops": 0, "snapshots": 0, "version": 0,
             "created_at": now, "updated_at": now, "upload_id": uuid.uuid4().hex,
         }
-        values["source"] = f"s3://hcx-images/images/{values['upload_id']}"  # the row's bytes are "in place"
+        values.update(source=f"s3://hcx-images/images/{values['upload_id']}", source_etag='"etag"')  # bytes "in place"
         values.update({k: (v.value if isinstance(v, enum.Enum) else v) for k, v in fields.items()})
         with catalog.engine.begin() as conn:
             image_id = conn.execute(images_table.insert().values(**values)).inserted_primary_key[0]
@@ -434,6 +434,7 @@ def register_image(catalog: Catalog, name: str, *, actor: Actor | None = None, s
     upload_id = fields.pop("upload_id", None) or uuid.uuid4().hex
     if state is not ImageState.LOCKED:
         fields.setdefault("source", f"s3://hcx-images/images/{upload_id}")
+        fields.setdefault("source_etag", '"etag"')
     image = rules.new_image(actor=actor or ALICE, name=name, type_=fields.pop("type_", ImageType.OS),
                             persistent=fields.pop("persistent", False), bus=Bus.VIRTIO,
                             format_=fields.pop("format_", DiskFormat.QCOW2), datastore=datastore, run_id=run_id,

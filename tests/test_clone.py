@@ -120,7 +120,8 @@ CLONE_REFUSALS = {
     "source DISABLED": lambda src, put, ds, name: (
         clone_request(put(S.DISABLED, source=src.source, source_etag=src.source_etag).id, name), "in state DISABLED"),
     "no such source": lambda src, put, ds, name: (clone_request(10**6, name), "Image 1000000 does not exist"),
-    "no bytes": lambda src, put, ds, name: (clone_request(put(S.READY).id, name), "records no object to clone from"),
+    "no bytes": lambda src, put, ds, name: (clone_request(put(S.READY, source=None).id, name),
+                                            "records no object to clone from"),
 }
 
 
