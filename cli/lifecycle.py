@@ -30,7 +30,7 @@ from cli.common import (
     acting_user, catalog, console, follow_flow_run, hook_grace, refusals_exit_1, report_new_image, run_outcome,
     transfer_bar, wait_for_image,
 )
-from cli.main import app  # cli.main imports this module once `app` exists, so the verbs register on it
+from cli.app import app
 from cli.runtime import running_platform
 from flows.launcher import remote_mode, submit
 from tasks import qemu, transfer

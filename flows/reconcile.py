@@ -31,9 +31,8 @@ from catalog.requests import RequestedBy
 from catalog.settings import get_settings
 from catalog.staging import reconcile_limits
 from flows.reporting import publish_table
-from tasks.maintenance import (
-    Row, audit_objects, datastore_names, images_awaiting_operations, row, settle_image, settle_run, sweep_staging,
-)
+from flows.settle import images_awaiting_operations, settle_image, settle_run
+from tasks.maintenance import Row, audit_objects, datastore_names, row, sweep_staging
 
 Scope = Literal["all", "images", "objects"]
 

@@ -80,12 +80,12 @@ def emit_image_event(image_id: int, image: Image | None, *, operation: str, flow
 
 def image_row(image_id: int, image: Image | None) -> dict[str, Any]:
     if image is None:
-        return {"id": image_id, "name": "-", "state": "DELETED", "datastore": "-", "type": "-", "format": "-",
-                "size": "-", "sha256": "-", "error": ""}
+        return {"id": image_id, "name": "-", "state": "-", "datastore": "-", "type": "-", "format": "-",
+                "size": "-", "sha256": "-", "error": "", "note": "deleted: its row is gone"}
     return {
         "id": image.id, "name": image.name, "state": image.state.value, "datastore": image.datastore,
         "type": image.type.value, "format": image.format.value, "size": human_size(image.size),
-        "sha256": (image.sha256 or "-")[:16], "error": redact(image.error or ""),
+        "sha256": (image.sha256 or "-")[:16], "error": redact(image.error or ""), "note": "",
     }
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from catalog.model import HcxError
+from catalog.model import HcxError, ImageState
+from catalog.store import open_catalog
 from flows.reporting import publish_table
 from tasks.maintenance import rehash_image, row, scrub_candidates
 
@@ -27,11 +28,12 @@ def scrub(datastores: list[str] | None = None, image_ids: list[int] | None = Non
         datastores: Only images in these datastores (default: all).
         image_ids: Only these images (default: all READY images).
     """
-    report, failed = [], []
+    report, failed, checked = [], [], []
     for image_id in scrub_candidates(datastores, image_ids):
         state = rehash_image(image_id, return_state=True)
         if state.is_completed():
             report.append(state.result())
+            checked.append(image_id)
         else:
             failed.append(image_id)
             report.append(row("scrub", f"image {image_id}", f"not checked: {state.message}"))
@@ -39,4 +41,6 @@ def scrub(datastores: list[str] | None = None, image_ids: list[int] | None = Non
                   f"Re-hash of {len(report)} image(s)", flow_run.get_id())
     if failed:
         raise HcxError(f"Could not re-hash image(s) {', '.join(map(str, failed))}; see the report.")
-    return {"checked": len(report), "damaged": sum("-> ERROR" in r["action"] for r in report)}
+    catalog = open_catalog()
+    damaged = [i for i in checked if (image := catalog.find(i)) is not None and image.state is ImageState.ERROR]
+    return {"checked": len(checked), "damaged": len(damaged)}

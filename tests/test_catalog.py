@@ -8,7 +8,6 @@ does not answer, it never skips."""
 from __future__ import annotations
 
 import functools
-import uuid
 
 import pytest
 

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from catalog import operations, rules
-from catalog.model import Bus, DiskFormat, ImageState, ImageType, PermissionDenied, Refused
+from catalog.model import ImageState, ImageType, PermissionDenied, Refused
 from catalog.requests import CloneRequest
 from tests.conftest import ADMIN, ALICE, BOB, all_at_once, catalog_snapshot, register_image
 

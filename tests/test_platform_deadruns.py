@@ -89,11 +89,15 @@ def _processes_of(flow_run_id: str) -> list[int]:
 def _kill_worker(platform) -> None:
     """SIGKILL the worker and every process below it (the flow run it is executing), at once."""
     worker = platform.state.worker.pid
-    for pid in (*reversed(descendants(worker)), worker):
+    victims = (*reversed(descendants(worker)), worker)
+    for pid in victims:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    # SIGKILL is delivered asynchronously: wait until the kernel has ended them
+    _wait_for("the killed worker gone", lambda: not any(Stack.running(Service(pid=p)) for p in victims),
+              timeout=10, every=0.01)
 
 
 def _upload_killed_while_locked(platform, source: Path) -> tuple[object, str, float]:

@@ -20,7 +20,7 @@ from catalog.model import ImageState
 from catalog.requests import actor_for
 from flows.launcher import deployable
 from flows.upload import upload
-from tasks.maintenance import settle_image
+from flows.settle import settle_image
 
 
 def _artifacts(flow_run_id) -> list:
