@@ -188,7 +188,7 @@ def retry(catalog: Catalog, actor: Actor, image_id: int, *, writer: str | None =
     the same transaction (unless it never let go of it)."""
 
     def plan(read: Reader) -> list[Step]:
-        image = catalog.get(image_id)
+        image = read(image_id) or catalog.get(image_id)
         require(actor, image, Right.MANAGE)
         changes = rules.retry(image)
         op = image.last_operation.op.value

@@ -104,6 +104,7 @@ history = sa.Table(
     sa.Column("message", sa.Text, nullable=False, default=""),
 )
 
+_WRITING = {"hcx_write": True}  # execution option of the connection that commits a plan
 _ENUM_FIELDS = {"type": ImageType, "bus": Bus, "format": DiskFormat, "state": ImageState, "prev_state": ImageState}
 _MAX_CAS_ATTEMPTS = 200
 
@@ -141,10 +142,15 @@ def _make_engine(url: str) -> sa.Engine:
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # WAL lets readers run beside the flow's writer
+            dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" below says how each transaction starts
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=60000")
             cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):  # a writer takes the write lock first: its reads never go stale
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("hcx_write") else "BEGIN")
 
         return engine
     return sa.create_engine(url, pool_pre_ping=True)
@@ -206,7 +212,11 @@ class Catalog:
 
     def find(self, image_id: int) -> Image | None:
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(images).where(images.c.id == image_id)).first()
+            return self._read(conn, image_id)
+
+    @staticmethod
+    def _read(conn: sa.Connection, image_id: int) -> Image | None:
+        row = conn.execute(sa.select(images).where(images.c.id == image_id)).first()
         return _row_to_image(row) if row else None
 
     def get_for(self, actor: Actor, image_id: int, right: Right) -> Image:
@@ -287,10 +297,14 @@ class Catalog:
         """Write the steps `plan(read)` returns, all in one transaction; `writer` is the flow run
         recorded in the history rows. A plan may refuse (nothing is written); a lost race runs it
         again on fresh rows. Returns each step's row as written (None for a removal)."""
+        steps: list[Step] = []
         for _ in range(_MAX_CAS_ATTEMPTS):
-            steps = plan(self.find)
             try:
-                with self.engine.begin() as conn:
+                # The plan reads inside the writing transaction: on SQLite that one holds the write
+                # lock from its start (BEGIN IMMEDIATE), so what it read cannot go stale; on
+                # PostgreSQL the compare-and-set catches a row moved meanwhile.
+                with self.engine.connect().execution_options(**_WRITING) as conn, conn.begin():
+                    steps = plan(lambda image_id: self._read(conn, image_id))
                     ids = self._write(conn, steps, writer)
             except _Stale:
                 continue
@@ -307,7 +321,7 @@ class Catalog:
         (e.g. a permission check) and `owner` fences the write. Both run on every attempt."""
 
         def plan(read: Reader) -> list[Step]:
-            image = self.get(image_id)
+            image = read(image_id) or self.get(image_id)  # get: the NotFound message
             if expect is not None:
                 expect(image)
             rules.owned_by(image, owner)
