@@ -17,11 +17,12 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/flow_run_overhead.py
 	$(BIN)/python bench/upload_memory.py
+	$(BIN)/python bench/empty_image_memory.py
 
 up: $(STAMP)
 	$(BIN)/hcx-image up
