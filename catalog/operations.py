@@ -63,11 +63,12 @@ def change_type(catalog: Catalog, actor: Actor, image_id: int, new_type: ImageTy
 
 # --- taking an operation up -------------------------------------------------------------------
 
-def claim(catalog: Catalog, image: Image, run_id: str) -> Image:
-    """`run_id` becomes the one writer of the operation `image` waits on (see `rules.claim`)."""
+def claim(catalog: Catalog, image: Image, run_id: str, operation: Operation | None = None) -> Image:
+    """`run_id`, a run of `operation`, becomes the one writer of the operation `image` waits on
+    (see `rules.claim`)."""
     if image.flow_run_id == run_id:
         return image
-    return catalog.transition(image.id, rules.claim, run_id, writer=run_id,
+    return catalog.transition(image.id, rules.claim, run_id, operation, writer=run_id,
                               message=f"operation taken up by flow run {run_id}")
 
 
@@ -135,7 +136,7 @@ def begin_clone(catalog: Catalog, actor: Actor, request: CloneRequest, *, object
     existing = catalog.find_by_upload_id(object_id)
     if existing is not None:
         rules.clone_resume(existing)
-        return claim(catalog, existing, run_id) if run_id else existing
+        return claim(catalog, existing, run_id, Operation.CLONE) if run_id else existing
     limit = rules.capacity_limit(limit_bytes, skip=request.skip_capacity_check, is_admin=actor.is_admin)
     recorded = OperationRecord(op=Operation.CLONE,
                                request=request.model_copy(update={"object_id": object_id}).model_dump(mode="json"))

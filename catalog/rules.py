@@ -58,12 +58,16 @@ def record(image: Image, **fields) -> Changes:
     return {"state": image.state, **fields}
 
 
-def claim(image: Image, run_id: str) -> Changes:
-    """A flow run takes up the operation the image waits on (after a retry, or a delete marked by
-    the CLI): it becomes the image's one writer. Only an operation nobody owns can be taken up;
-    taking up one's own again changes nothing."""
+def claim(image: Image, run_id: str, operation: Operation | None = None) -> Changes:
+    """A flow run of `operation` takes up the operation the image waits on (after a retry, or a
+    delete marked by the CLI): it becomes the image's one writer. Only an operation nobody owns,
+    and only the one the image waits on, can be taken up; taking up one's own again changes nothing."""
     if image.state not in LOCKED_STATES and image.state is not S.DELETE:
         raise _refuse_state(image, "carry on an operation on")
+    waits_on = image.last_operation.op if image.last_operation else None
+    if operation is not None and waits_on is not None and waits_on is not operation:
+        raise Superseded(f"Image {image.id} waits on its {waits_on.value}; a run of {operation.value} cannot "
+                         f"take it up: flow run {run_id} changed nothing.")
     if image.flow_run_id not in (None, run_id):
         raise Superseded(f"Image {image.id} is being handled by flow run {image.flow_run_id}; "
                          f"flow run {run_id} changed nothing.")

@@ -21,13 +21,13 @@ def current_flow_run_id() -> str | None:
     return flow_run.get_id()
 
 
-def take_up(image: Image) -> Image:
+def take_up(image: Image, operation: Operation) -> Image:
     """This run carries on the operation an existing image waits on (after a retry, or a delete the
     CLI marked): it becomes the image's one writer, explicitly (a history row says so). A settled
     image (a re-sent request that had finished) is returned as it is."""
     if not rules.awaits_operation(image):
         return image
-    return operations.claim(open_catalog(), image, current_flow_run_id())
+    return operations.claim(open_catalog(), image, current_flow_run_id(), operation)
 
 
 @task(**IO_TASK)
@@ -47,7 +47,7 @@ def register_upload(request: UploadRequest, upload_id: str, inspected: Inspected
     catalog = open_catalog()
     existing = catalog.find_by_upload_id(upload_id)
     if existing is not None:
-        existing = take_up(existing)  # ours from here on, so our hooks judge what follows
+        existing = take_up(existing, Operation.UPLOAD)  # ours from here on, so our hooks judge what follows
         if existing.sha256 != found.sha256 or existing.size != found.size:
             raise IntegrityError(
                 f"The staged bytes ({found.size} bytes, sha256 {found.sha256}) are not those image "
@@ -107,7 +107,7 @@ def begin_clone(request: CloneRequest, object_id: str) -> Image:
     existing = catalog.find_by_upload_id(object_id)
     if existing is not None:  # a retry, or this task retried
         rules.clone_resume(existing)
-        return take_up(existing)
+        return take_up(existing, Operation.CLONE)
     source = catalog.get_for(request.actor(), request.source_id, Right.USE)  # whose datastore, by default
     limit = load_datastore(request.datastore or source.datastore).limit_bytes
     return operations.begin_clone(catalog, request.actor(), request, object_id=object_id, limit_bytes=limit,
@@ -139,7 +139,7 @@ def register_empty(request: CreateEmptyRequest, object_id: str, required: int) -
     catalog = open_catalog()
     existing = catalog.find_by_upload_id(object_id)
     if existing is not None:
-        return take_up(existing)
+        return take_up(existing, Operation.CREATE_EMPTY)
     actor = request.actor()
     limit = rules.capacity_limit(load_datastore(request.datastore).limit_bytes,
                                  skip=request.skip_capacity_check, is_admin=actor.is_admin)
@@ -163,7 +163,7 @@ def begin_delete(request: DeleteRequest) -> Image:
     catalog = open_catalog()
     image = catalog.get_for(request.actor(), request.image_id, Right.MANAGE)
     if image.state is ImageState.DELETE:
-        return take_up(image)
+        return take_up(image, Operation.DELETE)
     return operations.delete(catalog, request.actor(), request.image_id, force=request.force,
                              run_id=current_flow_run_id())
 

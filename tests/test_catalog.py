@@ -225,3 +225,17 @@ def test_moves_are_checked_by_the_store_not_only_by_rules(fresh_catalog):
     with pytest.raises(lifecycle.BrokenInvariant):
         fresh_catalog.commit(lambda read: [Move(read(image.id), {"state": S.USED_PERS, "running_vms": 2}, "x")])
     assert fresh_catalog.get(image.id).state is S.READY
+
+
+def test_a_run_takes_up_only_the_operation_the_image_waits_on(fresh_catalog):
+    """A retried upload's run arriving after the image was force-deleted cannot take the DELETE over."""
+    from catalog.model import Operation
+
+    image = register_image(fresh_catalog, "raced", state=S.LOCKED, run_id="upload-1", size=10)
+    operations.delete(fresh_catalog, Actor("root", "oneadmin", is_admin=True), image.id, force=True)
+    before = catalog_snapshot(fresh_catalog)
+    with pytest.raises(Superseded, match="waits on its delete; a run of upload cannot take it up"):
+        operations.claim(fresh_catalog, fresh_catalog.get(image.id), "upload-2", Operation.UPLOAD)
+    assert catalog_snapshot(fresh_catalog) == before
+    assert operations.claim(fresh_catalog, fresh_catalog.get(image.id), "delete-1", Operation.DELETE).flow_run_id \
+        == "delete-1"
