@@ -118,6 +118,8 @@ def follow_flow_run(outcome: Callable[[], T | None], flow_run_id: str, *,
     automation's reconcile, may still be moving the catalog). Returns (result or None, the ended
     run or None when `outcome` answered first)."""
 
+    from flows.launcher import crash_if_its_process_died  # the CLI supervises what it launched
+
     async def follow() -> tuple[T | None, FlowRun | None]:
         loop = asyncio.get_running_loop()
         ended = asyncio.ensure_future(_wait_for_run(flow_run_id))
@@ -129,6 +131,7 @@ def follow_flow_run(outcome: Callable[[], T | None], flow_run_id: str, *,
                     return found, ended.result() if ended.done() and not ended.cancelled() else None
                 if not ended.done():
                     await asyncio.wait({ended}, timeout=poll)
+                    crash_if_its_process_died(flow_run_id)  # the run then ends: `ended` says so
                     continue
                 run = ended.result()
                 give_up_at = give_up_at or loop.time() + grace(run)

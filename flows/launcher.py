@@ -23,7 +23,7 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
-from prefect.states import Cancelled
+from prefect.states import Cancelled, Crashed
 
 from catalog.model import HcxError
 from catalog.settings import get_settings
@@ -110,12 +110,34 @@ def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> s
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value() or "",
            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds)}
     with open(logs / "flow-runs.log", "ab") as log:
-        subprocess.Popen(
+        _launched[str(run.id)] = subprocess.Popen(
             [sys.executable, "-m", "flows.launcher", flow_name, str(run.id)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
         )
     return str(run.id)
+
+
+_launched: dict[str, subprocess.Popen] = {}  # the background processes this process started, by flow run
+
+
+def crash_if_its_process_died(flow_run_id: str) -> bool:
+    """What a worker does for the processes it started, for the ones `submit` started here: a run
+    whose process exited before the run ended (killed before it began, say: it sent no heartbeat
+    yet, so nothing else would ever end it) is marked CRASHED. True when it was."""
+    process = _launched.get(flow_run_id)
+    if process is None or process.poll() is None:
+        return False
+    del _launched[flow_run_id]
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(flow_run_id)).state
+        if state is not None and state.is_final():
+            return False
+        log = get_settings().home.expanduser() / "logs" / "flow-runs.log"
+        client.set_flow_run_state(UUID(flow_run_id), Crashed(
+            message=f"The process running this flow run exited (code {process.returncode}) before the run "
+                    f"ended; its output is in {log}."), force=True)
+    return True
 
 
 def execute(flow_name: str, flow_run_id: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -95,3 +96,32 @@ def test_reconcile_waits_for_the_run_that_takes_up_a_newer_operation(catalog, de
     settled = settle_image.fn(image.id, 2)
     assert "no flow run was recorded for its operation" in settled["action"]
     assert catalog.get(image.id).state is ImageState.ERROR
+
+
+def test_a_wait_on_a_run_whose_process_died_before_it_began_ends(default_store, make_request, unique_name):
+    """The CLI launched a run in the background and its process died before the run began (no
+    heartbeat yet: nothing else would ever end it). The CLI supervises what it launched, as a
+    worker does: the run is marked CRASHED and the wait ends with what happened and what to do."""
+    import signal
+
+    import pytest
+
+    from catalog.model import HcxError
+    from cli.common import wait_for_image
+    from flows import launcher
+
+    upload_id = uuid.uuid4().hex
+    default_store.upload(io.BytesIO(os.urandom(1024 * 1024)), default_store.staging_ref(upload_id))
+    request = make_request(unique_name("stillborn"), upload_id=upload_id)
+    run_id = launcher.submit("upload", {"request": request.model_dump(mode="json")}, remote=False)
+    os.kill(launcher._launched[run_id].pid, signal.SIGKILL)  # long before python and prefect are imported
+    with pytest.raises(HcxError, match="ended CRASHED before it registered the image: The process running this "
+                                       "flow run exited"):
+        wait_for_image(lambda: None, run_id, until_settled=False)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run_id).state.is_crashed()
+    # what the crash automation's reconcile then does: the run's own crash hooks sweep its staged bytes
+    from flows.settle import settle_run
+
+    settle_run.fn(run_id)
+    assert not default_store.exists(default_store.staging_ref(upload_id))
