@@ -462,6 +462,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
+class _AskAgainWhenUnavailable(httpx.HTTPTransport):
+    """A 503 from the embedded server (its SQLite was locked by a concurrent write) is asked again
+    after a pause, as Prefect's own client does."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(5):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.close()
+            time.sleep(1 + attempt)
+        return super().handle_request(request)
+
+
 class Platform:
     """A running platform started by the real CLI, and ways in: its CLI, REST API, catalog, SDK."""
 
@@ -490,7 +504,7 @@ class Platform:
                               text=True, timeout=timeout, cwd=self.home)
 
     def rest(self) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url, timeout=30)
+        return httpx.Client(base_url=self.api_url, timeout=30, transport=_AskAgainWhenUnavailable())
 
     @contextmanager
     def sdk(self):
@@ -513,17 +527,10 @@ class Platform:
             return api.get(f"/deployments/name/{name}/{name}").raise_for_status().json()["id"]
 
     def create_run(self, deployment: str, parameters: dict) -> httpx.Response:
-        """`POST /api/deployments/{id}/create_flow_run`, as any REST client would: a 503 (the
-        embedded server's SQLite was locked by a concurrent write) is asked again, as Prefect's own
-        client does."""
+        """`POST /api/deployments/{id}/create_flow_run`, as any REST client would."""
         with self.rest() as api:
-            for attempt in range(5):
-                reply = api.post(f"/deployments/{self.deployment_id(deployment)}/create_flow_run",
-                                 json={"parameters": parameters})
-                if reply.status_code != 503:
-                    break
-                time.sleep(1 + attempt)
-            return reply
+            return api.post(f"/deployments/{self.deployment_id(deployment)}/create_flow_run",
+                            json={"parameters": parameters})
 
     def flow_run(self, flow_run_id: str) -> dict:
         with self.rest() as api:
