@@ -163,6 +163,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; the catalog writes UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
 @dataclass(frozen=True)
 class Image:
     id: int

@@ -9,12 +9,12 @@ Also the floors of reconcile's limits (`reconcile_limits`): below them only the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import lru_cache
 
 import sqlalchemy as sa
 
-from catalog.model import PermissionDenied, utcnow
+from catalog.model import PermissionDenied, as_utc, utcnow
 from catalog.permissions import Actor
 from catalog.settings import STAGING_TTL_FLOOR_HOURS, STALE_RUN_FLOOR_SECONDS, Settings
 from catalog.store import metadata, open_catalog
@@ -47,14 +47,9 @@ class StagedUpload:
         return f"s3://{self.bucket}/{self.key}"
 
 
-def _utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; records are written in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 def _to_record(row: sa.Row) -> StagedUpload:
     data = dict(row._mapping)
-    data["recorded_at"] = _utc(data["recorded_at"])
+    data["recorded_at"] = as_utc(data["recorded_at"])
     return StagedUpload(**data)
 
 

@@ -19,10 +19,10 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
 
 from catalog import operations, rules
-from catalog.model import Image, NotFound, Refused, Superseded
+from catalog.model import Image, NotFound, Refused, Superseded, as_utc, utcnow
 from catalog.store import open_catalog
 from tasks.images import current_flow_run_id
-from tasks.maintenance import Row, now, row, utc
+from tasks.maintenance import Row, row
 from tasks.retry import IO_TASK
 
 log = logging.getLogger("hcx.settle")
@@ -75,7 +75,7 @@ def settle_image(image_id: int, stale_after_seconds: int) -> Row | None:
     if not rules.awaits_operation(image):
         return None
     target = f"image {image.id} ({image.name}, {image.state.value})"
-    age = (now() - utc(image.updated_at)).total_seconds() if image.updated_at else 0
+    age = (utcnow() - as_utc(image.updated_at)).total_seconds() if image.updated_at else 0
     if not image.flow_run_id:
         if age < stale_after_seconds:
             return None
@@ -94,9 +94,9 @@ def settle_image(image_id: int, stale_after_seconds: int) -> Row | None:
     state_type = run.state.type if run.state else None
     if state_type not in _HOOKS:
         return None  # scheduled, pending, running, paused: Prefect's to judge
-    if run.end_time and (now() - run.end_time).total_seconds() < min(stale_after_seconds, 30):
+    if run.end_time and (utcnow() - run.end_time).total_seconds() < min(stale_after_seconds, 30):
         return None  # its own hooks may be running right now
-    if run.end_time and image.updated_at and utc(image.updated_at) > run.end_time:
+    if run.end_time and image.updated_at and as_utc(image.updated_at) > run.end_time:
         # Moved after that run ended (a retry, a delete marked by the CLI): the run taking the
         # operation up records itself when it starts; judge only if none did in time.
         if age < stale_after_seconds:

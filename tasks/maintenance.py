@@ -5,7 +5,7 @@ catalog rule (`catalog.rules`) or an idempotent object operation."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import task
@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 
 from blocks.datastore import ObjectRef, S3Datastore, load_datastore
 from catalog import rules
-from catalog.model import HcxError, Image, ImageState, NotFound, Refused, human_size
+from catalog.model import HcxError, Image, ImageState, NotFound, Refused, human_size, utcnow
 from catalog.settings import get_settings
 from catalog.staging import open_staging
 from catalog.store import open_catalog
@@ -36,15 +36,6 @@ def datastore_names() -> list[str]:
     with get_client(sync_client=True) as client:
         documents = client.read_block_documents_by_type(S3Datastore.get_block_type_slug())
     return sorted(doc.name for doc in documents)
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; the catalog writes UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 # --- objects against the catalog -------------------------------------------------------------
@@ -116,7 +107,7 @@ def sweep_staging(datastore: str, ttl_hours: float) -> list[Row]:
     than the TTL; never an image's source, nor what an image waiting on its operation may still
     use. Objects and multipart uploads no record or image knows are reported, whatever their age."""
     store = load_datastore(datastore)
-    cutoff = now() - timedelta(hours=ttl_hours)
+    cutoff = utcnow() - timedelta(hours=ttl_hours)
     catalog = open_catalog()
     sources = {image.source for image in catalog.list() if image.source}
     report = _sweep_records(store, datastore, cutoff, ttl_hours, sources)

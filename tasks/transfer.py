@@ -119,10 +119,10 @@ def check_local_source(path: Path, settings: Settings | None = None) -> Path:
 
 
 def stage_file(path: Path, datastore: S3Datastore, upload_id: str, progress: Progress | None = None) -> ObjectInfo:
-    """Upload a local file into the datastore's staging area (multipart, bounded memory)."""
-    ref = datastore.staging_ref(upload_id)
-    with open(path, "rb") as source:
-        return datastore.upload(source, ref, size_hint=path.stat().st_size, progress=progress)
+    """Upload a local file into the datastore's staging area, by name: s3transfer reads each part
+    as it sends it, so no part is held in memory whatever the file's size."""
+    return datastore.upload_path(str(path), datastore.staging_ref(upload_id), size=path.stat().st_size,
+                                 progress=progress)
 
 
 def inspect_object(datastore: S3Datastore, ref: ObjectRef, declared: DiskFormat | None,

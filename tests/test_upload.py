@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import json
 import re
 import struct
@@ -277,3 +278,20 @@ def test_datastore_add_refusals_change_nothing(stack_state, cli, default_store, 
     assert "not-the-secret" not in result.stderr
     assert json.loads(cli("datastore", "list", "--json").stdout) == listed_before
     assert {b["Name"] for b in default_store.client().list_buckets()["Buckets"]} == buckets_before
+
+
+def test_staging_under_a_registered_images_upload_id_is_refused_and_changes_nothing(
+        catalog, ready_image, make_request, unique_name, tmp_path, store_objects):
+    """A request naming the upload id of a READY image (in its own bucket, its staging key is that
+    image's object) with other bytes to stage: refused before a byte is written; the image's
+    object, its row and every other row stay as they were."""
+    image = ready_image()
+    store = load_datastore(image.datastore)
+    before_head = store.head(ObjectRef.parse(image.datastore, image.source))
+    before = (catalog_snapshot(catalog), store_objects(store))
+    other = tmp_path / "other.raw"
+    other.write_bytes(os.urandom(image.size))
+    state = upload(make_request(unique_name(), path=str(other), upload_id=image.upload_id), return_state=True)
+    assert state.is_failed() and f"already belongs to image {image.id} (READY)" in state.message
+    assert store.head(ObjectRef.parse(image.datastore, image.source)) == before_head
+    assert (catalog_snapshot(catalog), store_objects(store)) == before
