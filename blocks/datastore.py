@@ -6,6 +6,7 @@ credentials) and the edge where boto3/botocore errors become hcx-images errors.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import BinaryIO, Callable, Literal
@@ -16,6 +17,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from prefect.blocks.core import Block
+from prefect.client.orchestration import get_client
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 from s3transfer.subscribers import BaseSubscriber
 
@@ -331,12 +333,26 @@ class S3Datastore(Block):
                 raise error from None
 
 
+# What Prefect takes as a block name (lowercase letters, digits, dashes): any other name cannot
+# exist, and is refused before it reaches a URL of the Prefect API.
+DATASTORE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+
+
 def load_datastore(name: str) -> S3Datastore:
     """The datastore named `name`, or a clear refusal listing what exists."""
     try:
+        if not DATASTORE_NAME.fullmatch(name):
+            raise ValueError(name)
         return S3Datastore.load(name, _sync=True)
     except ValueError:
         raise NotFound(
             f"Datastore {name!r} does not exist: `hcx-image datastore list` shows them, "
             "`hcx-image datastore add` registers one."
         ) from None
+
+
+def all_datastores() -> dict[str, S3Datastore]:
+    """Every registered datastore by name."""
+    with get_client(sync_client=True) as client:
+        documents = client.read_block_documents_by_type(S3Datastore.get_block_type_slug())
+    return {doc.name: load_datastore(doc.name) for doc in documents}

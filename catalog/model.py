@@ -6,7 +6,7 @@ import enum
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 
 class ImageType(str, enum.Enum):
@@ -97,6 +97,46 @@ class OperationRecord:
                    stops_run=data.get("stops_run"))
 
 
+class SubjectKind(str, enum.Enum):
+    """Who a quota is set for."""
+
+    USER = "user"
+    GROUP = "group"
+
+
+class QuotaSubject(NamedTuple):
+    kind: SubjectKind
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.value} {self.name}"
+
+
+@dataclass(frozen=True)
+class Quota:
+    """At most `max_images` images and `max_bytes` bytes (None: no limit) for a user's or a group's
+    images on one datastore (`datastore` None: on all of them together)."""
+
+    subject: QuotaSubject
+    datastore: str | None = None
+    max_images: int | None = None
+    max_bytes: int | None = None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.max_images is None and self.max_bytes is None
+
+    @property
+    def scope(self) -> str:
+        return f"datastore {self.datastore}" if self.datastore else "all datastores"
+
+
+@dataclass(frozen=True)
+class QuotaUsage:
+    images: int
+    bytes: int
+
+
 class HcxError(Exception):
     """Base of every error hcx-images reports to a user: the message says what and what to do."""
 
@@ -111,6 +151,11 @@ class NotFound(Refused):
 
 class PermissionDenied(Refused):
     pass
+
+
+def missing_image(image_id: int) -> NotFound:
+    """What a missing image answers, and one the caller may not see (the same words)."""
+    return NotFound(f"Image {image_id} does not exist: `hcx-image list` shows the images you can see.")
 
 
 class Superseded(HcxError):
@@ -250,6 +295,9 @@ class Changes(TypedDict, total=False):
     state: ImageState
     name: str
     name_held: bool
+    owner: str
+    group: str
+    permissions: int
     type: ImageType
     persistent: bool
     description: str

@@ -17,14 +17,15 @@ from __future__ import annotations
 from typing import Callable
 
 from catalog import rules
-from catalog.model import Image, ImageState, ImageType, Operation, OperationRecord, Refused
-from catalog.permissions import Actor, Right, has_right, require
+from catalog.identity import Directory
+from catalog.model import Image, ImageState, ImageType, NotFound, Operation, OperationRecord, Refused
+from catalog.permissions import Actor, Right, check_access, has_right
 from catalog.requests import CloneRequest
 from catalog.store import NEW_IMAGE_ID, NEW_IMAGE_MARK, Catalog, Move, NewImage, Reader, Removal, Step
 
 
 def _needs(actor: Actor, right: Right) -> Callable[[Image], None]:
-    return lambda image: require(actor, image, right)
+    return lambda image: check_access(actor, image, right)
 
 
 # --- byte-less operations ---------------------------------------------------------------------
@@ -59,6 +60,52 @@ def update(catalog: Catalog, actor: Actor, image_id: int, *, description: str | 
 def change_type(catalog: Catalog, actor: Actor, image_id: int, new_type: ImageType) -> Image:
     return catalog.transition(image_id, rules.change_type, new_type, expect=_needs(actor, Right.MANAGE),
                               message=f"type changed to {new_type.value} by {actor.user}")
+
+
+# --- ownership and permissions -----------------------------------------------------------------
+
+def chmod(catalog: Catalog, actor: Actor, image_id: int, mode: int) -> Image:
+    """New permission bits: MANAGE, and ADMIN to change the ADMIN bits."""
+
+    def chmod_rule(image: Image):
+        return rules.chmod(image, mode, may_change_admin_bits=has_right(actor, image, Right.ADMIN))
+
+    return catalog.transition(image_id, chmod_rule, expect=_needs(actor, Right.MANAGE),
+                              message=f"permissions changed to {mode:03o} by {actor.user}")
+
+
+def chown(catalog: Catalog, directory: Directory, actor: Actor, image_id: int, user: str,
+          group: str | None = None) -> Image:
+    """A new owner (and group; None keeps the image's): MANAGE, and administrators only to give the
+    image to another user. Counted against the new owner's (and group's) quotas."""
+    catalog.get_for(actor, image_id, Right.MANAGE)  # an invisible image answers as a missing one first
+    _check_user_exists(directory, user)
+    if group is not None:
+        _check_group_exists(directory, group)
+
+    def chown_rule(image: Image):
+        return rules.chown(image, actor, owner=user, group=image.group if group is None else group)
+
+    return catalog.transition(image_id, chown_rule, expect=_needs(actor, Right.MANAGE),
+                              message=f"owner changed to {user}{f' (group {group})' if group else ''} by {actor.user}")
+
+
+def chgrp(catalog: Catalog, directory: Directory, actor: Actor, image_id: int, group: str) -> Image:
+    """A new group: MANAGE, and non-administrators only to a group they are in."""
+    catalog.get_for(actor, image_id, Right.MANAGE)
+    _check_group_exists(directory, group)
+    return catalog.transition(image_id, rules.chgrp, actor, group=group, expect=_needs(actor, Right.MANAGE),
+                              message=f"group changed to {group} by {actor.user}")
+
+
+def _check_user_exists(directory: Directory, user: str) -> None:
+    if not directory.user_exists(user):
+        raise NotFound(f"User {user} does not exist: `hcx-image user list` shows the users.")
+
+
+def _check_group_exists(directory: Directory, group: str) -> None:
+    if not directory.group_exists(group):
+        raise NotFound(f"Group {group} does not exist: `hcx-image group list` shows the groups.")
 
 
 # --- taking an operation up -------------------------------------------------------------------
@@ -123,8 +170,10 @@ def check_clone(catalog: Catalog, actor: Actor, request: CloneRequest, *, limit_
     rules.validate_new_image(type_=source.type, persistent=request.persistent)
     rules.validate_name(request.name)
     catalog.check_name_free(actor.user, request.name)
-    catalog.check_capacity(actor, datastore=request.datastore or source.datastore, limit_bytes=limit_bytes,
-                           required=source.size or 0, skip=request.skip_capacity_check)
+    datastore = request.datastore or source.datastore
+    catalog.check_capacity(actor, datastore=datastore, limit_bytes=limit_bytes, required=source.size or 0,
+                           skip=request.skip_capacity_check)
+    catalog.check_quota(owner=actor.user, group=actor.group, datastore=datastore, required_bytes=source.size or 0)
     return source
 
 
@@ -143,7 +192,7 @@ def begin_clone(catalog: Catalog, actor: Actor, request: CloneRequest, *, object
 
     def plan(read: Reader) -> list[Step]:
         source = read(request.source_id) or catalog.get(request.source_id)  # get: the NotFound message
-        require(actor, source, Right.USE)
+        check_access(actor, source, Right.USE)
         target = rules.new_clone(source, actor=actor, name=request.name, datastore=request.datastore,
                                  persistent=request.persistent, description=request.description,
                                  object_id=object_id, run_id=run_id, operation=recorded)
@@ -190,7 +239,7 @@ def retry(catalog: Catalog, actor: Actor, image_id: int, *, writer: str | None =
 
     def plan(read: Reader) -> list[Step]:
         image = read(image_id) or catalog.get(image_id)
-        require(actor, image, Right.MANAGE)
+        check_access(actor, image, Right.MANAGE)
         changes = rules.retry(image)
         op = image.last_operation.op.value
         steps: list[Step] = [Move(image, changes, f"retry of the failed {op} asked by {actor.user}; "
@@ -201,7 +250,7 @@ def retry(catalog: Catalog, actor: Actor, image_id: int, *, writer: str | None =
             if source is None:
                 raise Refused(f"Cannot retry image {image_id}: image {source_id}, which it was cloned from, "
                               "no longer exists. Delete it.")
-            require(actor, source, Right.USE)
+            check_access(actor, source, Right.USE)
             steps.append(Move(source, rules.clone_source_acquire(source, image_id),
                               f"clone to image {image_id} started again"))
         return steps

@@ -2,37 +2,59 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from typing import Annotated, Callable
 
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
+
+from catalog import rules
+from catalog.identity import ADMIN_USER, open_directory
 from catalog.model import Bus, DiskFormat, Image, ImageType, Operation, Refused, human_size, parse_size
 from catalog.permissions import Actor
 from catalog.settings import S3_MAX_OBJECT, S3_PARTS, get_settings
 
 
+def _by_rule(rule: Callable[[str], None]) -> AfterValidator:
+    """A field checked by a rule of `catalog.rules`: the request is refused with the rule's words."""
+
+    def check(value: str) -> str:
+        try:
+            rule(value)
+        except Refused as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    return AfterValidator(check)
+
+
+ImageName = Annotated[str, Field(min_length=1, max_length=rules.MAX_NAME), _by_rule(rules.validate_name)]
+Description = Annotated[str, _by_rule(rules.validate_description)]
+
+
 class RequestedBy(BaseModel):
-    owner: str = Field(description="User the operation acts as")
-    group: str = Field(default="users", description="That user's group")
+    """Who the operation acts as: set by the image API from the caller's token (or, for an operator
+    starting a deployment from the Prefect UI, the administrator). Their groups and rights are read
+    from the directory when the operation runs, never taken from the request."""
+
+    # Hidden from the deployments' forms (SkipJsonSchema): set by the image API, never typed by hand.
+    owner: SkipJsonSchema[str] = Field(default=ADMIN_USER, description="User the operation acts as")
 
     def actor(self) -> Actor:
-        return actor_for(self.owner, self.group)
-
-
-def actor_for(user: str, group: str) -> Actor:
-    return Actor(user=user, group=group, is_admin=get_settings().admin_group in (user, group))
+        return open_directory().actor(self.owner)
 
 
 class UploadRequest(RequestedBy):
     """Register an image from bytes already staged (by the CLI or an external tool) or a local path."""
 
-    name: str = Field(min_length=1, max_length=255)
+    name: ImageName
     type: ImageType = ImageType.OS
     datastore: str = "default"
     persistent: bool = False
     bus: Bus = Bus.VIRTIO
     driver: DiskFormat | None = Field(default=None, description="raw or qcow2; must match the bytes (None: detected)")
-    description: str = ""
+    description: Description = ""
     path: str | None = Field(default=None, description="A file on the worker to stage first (server-side read)")
-    upload_id: str | None = Field(default=None, description="Id of the staged object; default: the flow run id")
+    upload_id: SkipJsonSchema[str | None] = Field(default=None, description="Id of the staged object; default: the flow run id")
     expected_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
     client_path: str | None = Field(
         default=None, description="The local file the CLI staged; `retry` re-stages it if the staged object is gone",
@@ -44,7 +66,7 @@ class CreateRequestFields(RequestedBy):
     """What every request that makes a new image shares."""
 
     skip_capacity_check: bool = Field(default=False, description="Administrators only: ignore the datastore's limit")
-    object_id: str | None = Field(
+    object_id: SkipJsonSchema[str | None] = Field(
         default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$",
         description="Id of the new image's object (its key in the datastore); default: the flow run id",
     )
@@ -54,23 +76,23 @@ class CloneRequest(CreateRequestFields):
     """Clone an image into a new one (type, format and sha256 inherited, the copy verified)."""
 
     source_id: int = Field(ge=0, description="Image to clone (USE right needed)")
-    name: str = Field(min_length=1, max_length=255, description="Name of the new image")
+    name: ImageName = Field(description="Name of the new image")
     datastore: str | None = Field(default=None, description="Datastore of the clone; default: the source's")
     persistent: bool = False
-    description: str | None = Field(default=None, description="Default: the source's description")
+    description: Description | None = Field(default=None, description="Default: the source's description")
 
 
 class CreateEmptyRequest(CreateRequestFields):
     """An empty OS or DATABLOCK disk of a given size, made with qemu-img."""
 
-    name: str = Field(min_length=1, max_length=255)
+    name: ImageName
     type: ImageType = ImageType.DATABLOCK
     size: int = Field(gt=0, description="Virtual size in bytes (a string like '10G' is accepted)")
     datastore: str = "default"
     persistent: bool = False
     bus: Bus = Bus.VIRTIO
     driver: DiskFormat = Field(default=DiskFormat.RAW, description="raw (full size in the datastore) or qcow2")
-    description: str = ""
+    description: Description = ""
 
     @field_validator("size", mode="before")
     @classmethod
@@ -129,7 +151,7 @@ def rerun_request(image: Image, actor: Actor) -> tuple[Operation, RequestedBy]:
     last = image.last_operation
     op = last.op if last is not None else Operation.DELETE
     if op is Operation.DELETE:
-        return op, DeleteRequest(owner=actor.user, group=actor.group, image_id=image.id)
+        return op, DeleteRequest(owner=actor.user, image_id=image.id)
     if op is Operation.UPLOAD:
         return op, UploadRequest.model_validate({**last.request, "upload_id": last.upload_id})
     model = {Operation.CLONE: CloneRequest, Operation.CREATE_EMPTY: CreateEmptyRequest}[op]

@@ -7,11 +7,14 @@ one compare-and-set, so a rule never needs to think about concurrency.
 
 from __future__ import annotations
 
-from catalog.model import (
-    Bus, Changes, DiskFormat, Image, ImageState, ImageType, Operation, OperationRecord, Refused, Superseded, human_size, utcnow,
-)
+import re
+import unicodedata
 
-from catalog.permissions import DEFAULT_UMASK, Actor
+from catalog.model import (
+    Bus, Changes, DiskFormat, Image, ImageState, ImageType, Operation, OperationRecord, PermissionDenied, Quota,
+    QuotaUsage, Refused, Superseded, human_size, utcnow,
+)
+from catalog.permissions import ADMIN_BITS, DEFAULT_UMASK, Actor
 
 S = ImageState
 
@@ -162,6 +165,8 @@ def new_image(*, actor: Actor, name: str, type_: ImageType, persistent: bool, bu
     creation rules checked, permissions from the default umask."""
     validate_new_image(type_=type_, persistent=persistent)
     validate_name(name)
+    validate_description(fields.get("description", ""))
+    validate_attributes(fields.get("attributes", {}))
     return Image(id=0, name=name, owner=actor.user, group=actor.group, type=type_, persistent=persistent, bus=bus,
                  format=format_, datastore=datastore, state=fields.pop("state", S.LOCKED),
                  permissions=0o777 & ~DEFAULT_UMASK, flow_run_id=run_id, upload_id=upload_id, **fields)
@@ -335,9 +340,54 @@ def set_persistent(image: Image, persistent: bool) -> Changes:
     return {"state": image.state, "persistent": persistent}
 
 
+# --- bounds of what a user names and describes -------------------------------------------------
+
+MAX_NAME = 128
+MAX_DESCRIPTION_BYTES = 4 * 1024
+MAX_ATTRIBUTES = 128
+MAX_ATTRIBUTE_VALUE_BYTES = 1024
+ATTRIBUTE_KEY = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Characters a terminal would act on or hide instead of show: controls (ESC, CR, ...), format
+# characters (bidi overrides, zero-width ones) and line or paragraph separators.
+_UNSHOWN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _shown(text: str, limit: int = 40) -> str:
+    """A user's text quoted for a message: escaped (repr) and cut short."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def validate_name(name: str) -> None:
-    if not name or len(name) > 255 or name.strip() != name:
-        raise Refused(f"Invalid image name {name!r}: use 1-255 characters without leading or trailing spaces.")
+    if not name or len(name) > MAX_NAME or name.strip() != name:
+        raise Refused(f"Invalid image name {_shown(name)} ({len(name)} characters): use 1-{MAX_NAME} characters "
+                      "without leading or trailing spaces.")
+    if any(unicodedata.category(c) in _UNSHOWN_CATEGORIES for c in name):
+        raise Refused(f"Invalid image name {_shown(name)}: it contains control or invisible formatting characters "
+                      "(escapes, bidi overrides, zero-width or line separators); use printable characters only.")
+
+
+def validate_description(description: str) -> None:
+    if (size := len(description.encode())) > MAX_DESCRIPTION_BYTES:
+        raise Refused(f"The description is {size} bytes long: at most {MAX_DESCRIPTION_BYTES} bytes (4 KiB) are "
+                      "kept; shorten it.")
+
+
+def validate_attributes(attributes: dict[str, str]) -> None:
+    for key, value in attributes.items():
+        validate_attribute(key, value)
+    if len(attributes) > MAX_ATTRIBUTES:
+        raise Refused(f"An image has at most {MAX_ATTRIBUTES} attributes and this one would have "
+                      f"{len(attributes)}: unset some first.")
+
+
+def validate_attribute(key: str, value: str) -> None:
+    if not isinstance(key, str) or not ATTRIBUTE_KEY.fullmatch(key):
+        raise Refused(f"Invalid attribute name {_shown(str(key))}: use 1-64 letters, digits, '_', '.' or '-'.")
+    if not isinstance(value, str):
+        raise Refused(f"Attribute {key}: its value must be text.")
+    if (size := len(value.encode())) > MAX_ATTRIBUTE_VALUE_BYTES:
+        raise Refused(f"Attribute {key}: its value is {size} bytes long, at most {MAX_ATTRIBUTE_VALUE_BYTES} "
+                      "(1 KiB) are kept; shorten it.")
 
 
 def rename(image: Image, new_name: str) -> Changes:
@@ -352,17 +402,15 @@ def update(image: Image, *, description: str | None = None, set_attributes: dict
     """Change the description and the free attributes (KEY=VALUE); the state stays."""
     if image.state is S.DELETE:
         raise _refuse_state(image, "update")
-    attributes = dict(image.attributes)
-    for key, value in (set_attributes or {}).items():
-        if not key or key.strip() != key or "=" in key:
-            raise Refused(f"Invalid attribute name {key!r}: use a non-empty name without spaces at its ends or '='.")
-        attributes[key] = value
+    attributes = {**image.attributes, **(set_attributes or {})}
     for key in unset:
         if key not in attributes:
-            raise Refused(f"Image {image.id} has no attribute {key!r} to unset.")
+            raise Refused(f"Image {image.id} has no attribute {_shown(key)} to unset.")
         del attributes[key]
+    validate_attributes(attributes)
     changes: Changes = {"state": image.state, "attributes": attributes}
     if description is not None:
+        validate_description(description)
         changes["description"] = description
     return changes
 
@@ -390,6 +438,61 @@ def validate_new_image(*, type_: ImageType, persistent: bool) -> None:
 def validate_empty_image(*, type_: ImageType) -> None:
     if type_ is ImageType.CDROM:
         raise Refused("A CDROM image cannot be created empty: give --path with an ISO file.")
+
+
+# --- ownership and permissions ---------------------------------------------------------------
+
+def chmod(image: Image, mode: int, *, may_change_admin_bits: bool) -> Changes:
+    """New permission bits (octal like Unix); the ADMIN bits change only with the ADMIN right."""
+    if not 0 <= mode <= 0o777:
+        raise Refused(f"Invalid permissions {mode:o}: use three octal digits, 000 to 777 (e.g. 640).")
+    if image.state is S.DELETE:
+        raise _refuse_state(image, "change the permissions of")
+    if (mode ^ image.permissions) & ADMIN_BITS and not may_change_admin_bits:
+        raise PermissionDenied(
+            f"Changing the ADMIN bits of image {image.id} (the 1 of each octal digit) needs the ADMIN right on it: "
+            f"keep them as they are ({image.permissions & ADMIN_BITS:03o}), or ask an administrator."
+        )
+    return {"state": image.state, "permissions": mode}
+
+
+def chown(image: Image, actor: Actor, *, owner: str, group: str) -> Changes:
+    """A new owner (administrators only: giving an image away) and group (see `chgrp`). The new
+    owner must not already hold the image's name: the store's name slot refuses it."""
+    if owner != image.owner and not actor.is_admin:
+        raise PermissionDenied(f"Only an administrator may give image {image.id} to another user ({owner}): "
+                               "ask one, or let that user clone the image.")
+    return {**chgrp(image, actor, group=group), "owner": owner}
+
+
+def chgrp(image: Image, actor: Actor, *, group: str) -> Changes:
+    """A new group: one of the actor's own groups, or any for an administrator."""
+    if image.state is S.DELETE:
+        raise _refuse_state(image, "change the owner or group of")
+    if group != image.group and group not in actor.groups and not actor.is_admin:
+        raise PermissionDenied(f"User {actor.user} is not in group {group}: an image can be given only to one "
+                               "of your own groups (ask an administrator for another).")
+    return {"state": image.state, "group": group}
+
+
+# --- quotas ----------------------------------------------------------------------------------
+
+_QUOTA_HINT = "delete an image or ask an administrator to raise it."
+
+
+def check_quota(quota: Quota, usage: QuotaUsage, *, required_bytes: int) -> None:
+    """Refuse one more image of `required_bytes` that the quota has no room for."""
+    where = f"Quota of {quota.subject} on {quota.scope}"
+    if quota.max_images is not None and usage.images + 1 > quota.max_images:
+        left = max(quota.max_images - usage.images, 0)
+        raise Refused(f"{where}: at most {quota.max_images} images, {usage.images} used, {left} left: {_QUOTA_HINT}")
+    if quota.max_bytes is not None and usage.bytes + required_bytes > quota.max_bytes:
+        left = max(quota.max_bytes - usage.bytes, 0)
+        raise Refused(
+            f"{where}: at most {human_size(quota.max_bytes)} ({quota.max_bytes} bytes), {human_size(usage.bytes)} "
+            f"used, {human_size(left)} ({left} bytes) left, and this image needs {human_size(required_bytes)} "
+            f"({required_bytes} bytes): {_QUOTA_HINT}"
+        )
 
 
 # --- datastore capacity ----------------------------------------------------------------------

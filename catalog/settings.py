@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,8 +38,6 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the catalog; default: SQLite under home."
     )
-    user: str = Field(default_factory=getpass.getuser, description="Who this CLI acts as.")
-    group: str = Field(default="users", description="The acting user's group.")
     admin_group: str = Field(default="oneadmin", description="Members may do everything.")
     default_datastore: str = "default"
     staging_prefix: str = Field(

@@ -7,7 +7,9 @@ one transaction, each move as `UPDATE ... WHERE id = ? AND version = ? [AND flow
 with its history row, each checked against the lifecycle table and invariants
 (`catalog.lifecycle`). Two racing requests can never both win: the loser re-reads and the plan
 decides again (it may now refuse). New images are counted against their datastore's capacity
-while its accounting row is locked, so concurrent registrations cannot overrun it.
+while its accounting row is locked, so concurrent registrations cannot overrun it; the quotas of
+their owner and group likewise, each under its own accounting row (also when `chown`/`chgrp`
+moves an image to another user or group).
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from catalog.model import (
     Image,
     ImageState,
     ImageType,
-    NotFound,
     OperationRecord,
+    Quota,
+    QuotaSubject,
+    QuotaUsage,
     Refused,
+    SubjectKind,
+    missing_image,
     utcnow,
 )
-from catalog.permissions import Actor, Right, has_right, require
+from catalog.permissions import Actor, Right, check_access, has_right
 from catalog.settings import get_settings
 
 metadata = sa.MetaData()
@@ -92,6 +98,28 @@ datastore_accounts = sa.Table(
     sa.Column("writes", sa.BigInteger, nullable=False, default=0),
 )
 
+# Quotas per user and per group: at most `max_images` images and `max_bytes` bytes (NULL: no
+# limit) on one datastore, or on all of them (`datastore` ""). One row per subject in
+# quota_accounts is locked (UPDATE) by every transaction that adds an image to the subject, for the
+# same reason as datastore_accounts.
+quota_limits = sa.Table(
+    "quota_limits",
+    metadata,
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("subject", sa.String(128), primary_key=True),
+    sa.Column("datastore", sa.String(128), primary_key=True),
+    sa.Column("max_images", sa.BigInteger),
+    sa.Column("max_bytes", sa.BigInteger),
+)
+
+quota_accounts = sa.Table(
+    "quota_accounts",
+    metadata,
+    sa.Column("kind", sa.String(8), primary_key=True),
+    sa.Column("subject", sa.String(128), primary_key=True),
+    sa.Column("writes", sa.BigInteger, nullable=False, default=0),
+)
+
 history = sa.Table(
     "image_history",
     metadata,
@@ -131,6 +159,26 @@ def _columns(image: Image) -> dict:
               if name not in ("id", "name_slot", "version", "created_at", "updated_at", "prev_state")}
     values["name_slot"] = image.name if image.name_held else None
     return values
+
+
+def dialect_insert(conn: sa.Connection, table: sa.Table):
+    """The INSERT of this connection's dialect (it has ON CONFLICT DO NOTHING / DO UPDATE)."""
+    return (postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert)(table)
+
+
+def _to_quota(row: sa.Row) -> Quota:
+    return Quota(subject=QuotaSubject(SubjectKind(row.kind), row.subject), datastore=row.datastore or None,
+                 max_images=row.max_images, max_bytes=row.max_bytes)
+
+
+def _subjects(image: Image) -> list[QuotaSubject]:
+    """Whose quotas an image counts against, in the one order their accounting rows are locked
+    (so two transactions never wait on each other's rows)."""
+    return quota_subjects(owner=image.owner, group=image.group)
+
+
+def quota_subjects(*, owner: str, group: str) -> list[QuotaSubject]:
+    return sorted([QuotaSubject(SubjectKind.USER, owner), QuotaSubject(SubjectKind.GROUP, group)])
 
 
 def _make_engine(url: str) -> sa.Engine:
@@ -207,7 +255,7 @@ class Catalog:
 
     def get(self, image_id: int) -> Image:
         if (image := self.find(image_id)) is None:
-            raise NotFound(f"Image {image_id} does not exist: `hcx-image list` shows the images you can see.")
+            raise missing_image(image_id)
         return image
 
     def find(self, image_id: int) -> Image | None:
@@ -220,14 +268,19 @@ class Catalog:
         return _row_to_image(row) if row else None
 
     def get_for(self, actor: Actor, image_id: int, right: Right) -> Image:
+        """The image, if `actor` has `right` on it. One the actor may not even USE answers exactly
+        as a missing one (its existence is its owner's business); otherwise the missing right is named."""
         image = self.get(image_id)
-        require(actor, image, right)
+        check_access(actor, image, right)
         return image
 
-    def list(self, actor: Actor | None = None, datastore: str | None = None) -> list[Image]:
+    def list(self, actor: Actor | None = None, datastore: str | None = None, *, mine: bool = False) -> list[Image]:
+        """Every image (`actor` None), or those `actor` may USE; `mine`: only the actor's own."""
         query = sa.select(images).order_by(images.c.id)
         if datastore:
             query = query.where(images.c.datastore == datastore)
+        if mine and actor is not None:
+            query = query.where(images.c.owner == actor.user)
         with self.engine.connect() as conn:
             found = [_row_to_image(r) for r in conn.execute(query)]
         if actor is None:
@@ -291,6 +344,84 @@ class Catalog:
         limit = rules.capacity_limit(limit_bytes, skip=skip, is_admin=actor.is_admin)
         rules.check_capacity(datastore=datastore, limit=limit, used=self.used_bytes(datastore), required=required)
 
+    # --- quotas ----------------------------------------------------------------------------
+
+    def quotas_of(self, subject: QuotaSubject) -> list[Quota]:
+        """The quotas set for a user or a group (all datastores first, then by datastore)."""
+        with self.engine.connect() as conn:
+            return self._quotas(conn, subject)
+
+    @staticmethod
+    def _quotas(conn: sa.Connection, subject: QuotaSubject) -> list[Quota]:
+        rows = conn.execute(sa.select(quota_limits)
+                            .where(quota_limits.c.kind == subject.kind.value, quota_limits.c.subject == subject.name)
+                            .order_by(quota_limits.c.datastore))
+        return [_to_quota(r) for r in rows]
+
+    def all_quotas(self) -> list[Quota]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(quota_limits).order_by(
+                quota_limits.c.kind, quota_limits.c.subject, quota_limits.c.datastore))
+            return [_to_quota(r) for r in rows]
+
+    def save_quota(self, quota: Quota) -> None:
+        """Set a quota (replacing the one of the same subject and datastore); one with no limit at
+        all is dropped."""
+        key = {"kind": quota.subject.kind.value, "subject": quota.subject.name, "datastore": quota.datastore or ""}
+        limits = {"max_images": quota.max_images, "max_bytes": quota.max_bytes}
+        with self.engine.connect().execution_options(**_WRITING) as conn, conn.begin():
+            if quota.unlimited:
+                conn.execute(quota_limits.delete().where(*(quota_limits.c[k] == v for k, v in key.items())))
+                return
+            conn.execute(dialect_insert(conn, quota_limits).values(**key, **limits)
+                         .on_conflict_do_update(index_elements=list(key), set_=limits))
+
+    def usage(self, subject: QuotaSubject, datastore: str | None = None) -> QuotaUsage:
+        with self.engine.connect() as conn:
+            return self._usage(conn, subject, datastore)
+
+    @staticmethod
+    def _usage(conn: sa.Connection, subject: QuotaSubject, datastore: str | None) -> QuotaUsage:
+        """What counts against a quota: every row still present (a DELETE row until its objects are
+        gone), its `size` in bytes. (Snapshots, once they exist, will be added to the bytes here.)"""
+        column = images.c.owner if subject.kind is SubjectKind.USER else images.c.group
+        query = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(images.c.size), 0)).where(column == subject.name)
+        if datastore is not None:
+            query = query.where(images.c.datastore == datastore)
+        count, size = conn.execute(query).one()
+        return QuotaUsage(images=int(count), bytes=int(size))
+
+    def check_quota(self, *, owner: str, group: str, datastore: str, required_bytes: int) -> None:
+        """Refuse a new image of `owner` and `group` on `datastore` that a quota has no room for,
+        before anything is written (the insert checks again under the accounting locks)."""
+        with self.engine.connect() as conn:
+            for subject in quota_subjects(owner=owner, group=group):
+                self._check_subject(conn, subject, datastore, required_bytes)
+
+    def _check_subject(self, conn: sa.Connection, subject: QuotaSubject, datastore: str, required_bytes: int) -> None:
+        for quota in self._quotas(conn, subject):
+            if quota.datastore in (None, datastore):
+                rules.check_quota(quota, self._usage(conn, subject, quota.datastore), required_bytes=required_bytes)
+
+    def _lock_quota_accounts(self, conn: sa.Connection, subjects: list[QuotaSubject]) -> None:
+        """Take the accounting row lock of each subject that has a quota, for the rest of the transaction."""
+        for subject in subjects:
+            if not self._quotas(conn, subject):
+                continue
+            conn.execute(dialect_insert(conn, quota_accounts).values(kind=subject.kind.value, subject=subject.name, writes=0)
+                         .on_conflict_do_nothing())
+            conn.execute(quota_accounts.update()
+                         .where(quota_accounts.c.kind == subject.kind.value, quota_accounts.c.subject == subject.name)
+                         .values(writes=quota_accounts.c.writes + 1))
+
+    def _charge_quotas(self, conn: sa.Connection, image: Image, subjects: list[QuotaSubject]) -> None:
+        """`image` is about to count against `subjects` (a new image, or one changing hands): refuse
+        when a quota of theirs has no room, judged under their accounting locks (the rows are
+        counted before the write, so the image itself is not among them)."""
+        self._lock_quota_accounts(conn, subjects)
+        for subject in subjects:
+            self._check_subject(conn, subject, image.datastore, image.size or 0)
+
     # --- writing: one transaction per plan -------------------------------------------------
 
     def commit(self, plan: Callable[[Reader], list[Step]], *, writer: str | None = None) -> list[Image | None]:
@@ -350,8 +481,7 @@ class Catalog:
 
     def _lock_account(self, conn: sa.Connection, datastore: str) -> None:
         """Take the datastore's accounting row lock for the rest of the transaction."""
-        insert = (postgresql_insert if conn.dialect.name == "postgresql" else sqlite_insert)(datastore_accounts)
-        conn.execute(insert.values(datastore=datastore, writes=0).on_conflict_do_nothing())
+        conn.execute(dialect_insert(conn, datastore_accounts).values(datastore=datastore, writes=0).on_conflict_do_nothing())
         conn.execute(datastore_accounts.update().where(datastore_accounts.c.datastore == datastore)
                      .values(writes=datastore_accounts.c.writes + 1))
 
@@ -363,6 +493,7 @@ class Catalog:
         if step.limit_bytes is not None:
             rules.check_capacity(datastore=image.datastore, limit=step.limit_bytes,
                                  used=self._used(conn, image.datastore), required=image.size or 0)
+        self._charge_quotas(conn, image, _subjects(image))
         values = {**_columns(image), "version": 0, "created_at": now, "updated_at": now}
         image_id = conn.execute(images.insert().values(**values)).inserted_primary_key[0]
         conn.execute(history.insert().values(image_id=image_id, from_state=None, to_state=image.state.value,
@@ -376,6 +507,8 @@ class Catalog:
         after = image.with_changes(**changes)
         lifecycle.check_transition(image.state, after.state)
         lifecycle.check_invariants(after, holds_name=after.name_held)
+        if new_subjects := [s for s in _subjects(after) if s not in _subjects(image)]:  # chown, chgrp
+            self._charge_quotas(conn, after, new_subjects)
         columns = _columns(after)
         values = {k: columns[k] for k in changes if k in columns}
         if "name_held" in changes or "name" in changes:
@@ -413,10 +546,14 @@ class Catalog:
                     return Refused(f"Upload {image.upload_id} already belongs to image {holder.id}: "
                                    "start a new upload.")
             if isinstance(step, (NewImage, Move)):
-                name = step.changes.get("name", image.name) if isinstance(step, Move) else image.name
-                if (holder := self.name_owner(image.owner, name)) is not None:
-                    return Refused(f"NAME is already taken by IMAGE {holder.id}: choose another name "
-                                   f"or delete image {holder.id}.")
+                after = image.with_changes(**step.changes) if isinstance(step, Move) else image
+                if (holder := self.name_owner(after.owner, after.name)) is None:
+                    continue
+                if after.owner != image.owner:  # chown onto a name the new owner holds
+                    return Refused(f"NAME is already taken by IMAGE {holder.id} of user {after.owner}: rename "
+                                   f"image {image.id} (or image {holder.id}) first.")
+                return Refused(f"NAME is already taken by IMAGE {holder.id}: choose another name "
+                               f"or delete image {holder.id}.")
         return Refused("The catalog refused the change (a name or upload id is taken): try again.")
 
 

@@ -1,25 +1,34 @@
-"""`hcx-image datastore ...`: register and list S3 datastores (Prefect blocks)."""
+"""`hcx-image datastore ...`: register (administrators) and list S3 datastores."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional
 
 import typer
-from prefect.client.orchestration import get_client
 from rich.table import Table
 
-from blocks.datastore import S3Datastore
-from catalog.model import Refused, human_size, parse_size
-from cli.common import catalog, console, print_json, refusals_exit_1
-from cli.runtime import running_platform
+from catalog.model import Refused, human_size
+from cli.client import Api
+from cli.common import console, literal, print_json, refusals_exit_1, say
 
 app = typer.Typer(help="Register and list datastores (S3 buckets).", no_args_is_help=True)
 
+SECRET_ENV = "HCX_DATASTORE_SECRET_KEY"
 
-def all_datastores() -> dict[str, S3Datastore]:
-    with get_client(sync_client=True) as client:
-        documents = client.read_block_documents_by_type(S3Datastore.get_block_type_slug())
-    return {doc.name: S3Datastore.load(doc.name) for doc in documents}
+
+def _secret_key(secret_key_file: Path | None) -> str:
+    """Never from the command line (other users see it in the process list): a file, the
+    environment, or a prompt."""
+    if secret_key_file is not None:
+        try:
+            return secret_key_file.read_text().strip()
+        except OSError as exc:
+            raise Refused(f"Cannot read --secret-key-file {secret_key_file}: {exc.strerror}.") from None
+    if os.environ.get(SECRET_ENV):
+        return os.environ[SECRET_ENV]
+    return typer.prompt("Secret key", hide_input=True)
 
 
 @app.command("add")
@@ -29,7 +38,8 @@ def add(
     endpoint: str = typer.Option(..., "--endpoint", help="S3 endpoint URL"),
     bucket: str = typer.Option(..., "--bucket"),
     access_key: str = typer.Option(..., "--access-key"),
-    secret_key: str = typer.Option(..., "--secret-key"),
+    secret_key_file: Optional[Path] = typer.Option(
+        None, "--secret-key-file", help=f"A file holding the secret key (else ${SECRET_ENV}, else a prompt)"),
     prefix: str = typer.Option("", "--prefix"),
     region: str = typer.Option("us-east-1", "--region"),
     kind: str = typer.Option("image", "--kind", help="image or system"),
@@ -38,34 +48,21 @@ def add(
                                                  help="Stage uploads in this bucket (default: the datastore's own)"),
     verify_tls: bool = typer.Option(True, "--verify-tls/--no-verify-tls"),
 ) -> None:
-    """Register a datastore on any S3 endpoint, creating its bucket if needed."""
+    """Register a datastore on any S3 endpoint, creating its bucket if needed (administrators)."""
     if kind not in ("image", "system"):
         raise Refused(f"Unknown --kind {kind!r}: use image or system.")
-    with running_platform():
-        if name in all_datastores():
-            raise Refused(f"Datastore {name!r} already exists: choose another name.")
-        store = S3Datastore(
-            endpoint_url=endpoint, bucket=bucket, prefix=prefix, region=region, access_key=access_key,
-            secret_key=secret_key, kind=kind, limit_bytes=parse_size(limit) if limit else None,
-            staging_bucket=staging_bucket, verify_tls=verify_tls,
-        )
-        store.ensure_buckets()  # proves endpoint and credentials work before anything is saved
-        store.save(name)
-    console.print(f"datastore {name} registered: s3://{bucket}/{store.prefix} at {endpoint}")
+    body = {"name": name, "endpoint": endpoint, "bucket": bucket, "access_key": access_key,
+            "secret_key": _secret_key(secret_key_file), "prefix": prefix, "region": region, "kind": kind,
+            "limit": limit, "staging_bucket": staging_bucket, "verify_tls": verify_tls}
+    store = Api().post("/datastores", body)
+    say(f"datastore {name} registered: s3://{store['bucket']}/{store['prefix']} at {store['endpoint']}")
 
 
 @app.command("list")
 @refusals_exit_1
 def list_datastores(json_: bool = typer.Option(False, "--json")) -> None:
     """The datastores with their use (never their secrets)."""
-    with running_platform():
-        stores = all_datastores()
-    rows = [
-        {"name": name, "kind": s.kind, "endpoint": s.endpoint_url, "bucket": s.bucket, "prefix": s.prefix,
-         "region": s.region, "used": catalog().used_bytes(name), "limit": s.limit_bytes,
-         "staging_bucket": s.staging_bucket or s.bucket}
-        for name, s in sorted(stores.items())
-    ]
+    rows = Api().get("/datastores")
     if json_:
         print_json(rows)
         return
@@ -73,6 +70,6 @@ def list_datastores(json_: bool = typer.Option(False, "--json")) -> None:
     for column in ("NAME", "KIND", "ENDPOINT", "BUCKET", "PREFIX", "USED", "LIMIT"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["name"], r["kind"], r["endpoint"], r["bucket"], r["prefix"] or "-",
-                      human_size(r["used"]), human_size(r["limit"]) if r["limit"] else "-")
+        table.add_row(*(literal(v) for v in (r["name"], r["kind"], r["endpoint"], r["bucket"], r["prefix"] or "-",
+                                              human_size(r["used"]), human_size(r["limit"]) if r["limit"] else "-")))
     console.print(table)

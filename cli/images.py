@@ -1,38 +1,33 @@
-"""The image verbs of `hcx-image`: up, down, create, list, show, export (typer + rich, as Prefect's own CLI)."""
+"""The image verbs of `hcx-image`: up, down, create, list, show, export (typer + rich, as Prefect's
+own CLI). All but `up` and `down` are calls to the image API."""
 
 from __future__ import annotations
 
-import uuid
+import hashlib
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from blocks.datastore import ObjectRef, load_datastore
-from catalog import rules
-from catalog.model import Bus, DiskFormat, ImageType, Refused
-from catalog.permissions import Right
-from catalog.requests import UploadRequest
-from catalog.settings import get_settings
-from catalog.staging import open_staging
+from catalog.model import Bus, DiskFormat, HcxError, ImageType, Refused
 from cli.app import app
+from cli.client import Api, remote_param
 from cli.common import (
-    acting_user, catalog, console, image_table, print_json, refusals_exit_1, report_new_image, transfer_bar,
+    console, image_table, literal, print_json, refusals_exit_1, report_new_image, say, transfer_bar,
 )
-from cli.runtime import running_platform
-from cli.platform import bring_up, print_status
-from cli.stack import Stack
-from flows.launcher import remote_mode, submit
-from tasks import transfer
-from tasks.inspection import precheck_file
 
+CHUNK = 1024 * 1024
 
 
 @app.command()
 @refusals_exit_1
 def up() -> None:
     """Start the platform in the background (S3 server, Prefect server and UI, a worker on the
-    process pool) and apply the deployments; idempotent."""
+    process pool, the image API) and apply the deployments; idempotent. Writes an administrator's
+    API token for you under HCX_HOME."""
+    from cli.platform import bring_up, print_status
+
     print_status(bring_up())
 
 
@@ -40,8 +35,11 @@ def up() -> None:
 @refusals_exit_1
 def down() -> None:
     """Stop the embedded services started by `up`."""
+    from catalog.settings import get_settings
+    from cli.stack import Stack
+
     stopped = Stack(get_settings()).down()
-    console.print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+    say(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
 
 
 @app.command()
@@ -49,7 +47,7 @@ def down() -> None:
 def create(
     name: str = typer.Option(..., "--name", help="Image name, unique per owner"),
     type_: ImageType = typer.Option(ImageType.OS, "--type", case_sensitive=False),
-    datastore: str = typer.Option(None, "--datastore", help="Image datastore (default: HCX_DEFAULT_DATASTORE)"),
+    datastore: str = typer.Option(None, "--datastore", help="Image datastore (default: the service's default)"),
     path: Path = typer.Option(None, "--path", help="Local file to upload"),
     persistent: bool = typer.Option(False, "--persistent"),
     bus: Bus = typer.Option(Bus.VIRTIO, "--bus", case_sensitive=False),
@@ -62,65 +60,42 @@ def create(
     skip_capacity_check: bool = typer.Option(False, "--skip-capacity-check",
                                              help="Ignore the datastore's capacity limit (administrators only)"),
     wait: bool = typer.Option(False, "--wait", help="Follow the flow; exit 0 on READY, 1 on ERROR"),
-    remote: bool = typer.Option(False, "--remote", help="Run the flow on the upload deployment (a worker); "
-                                "prints the flow-run id at once (also: HCX_REMOTE=1)"),
 ) -> None:
-    """Register an image from a local file (staged with a progress bar, then copied by a flow), or
-    with --size an empty OS or DATABLOCK image."""
-    settings = get_settings()
-    remote = remote or remote_mode()
-    datastore = datastore or settings.default_datastore
+    """Register an image from a local file (sent to the image API with a progress bar, then copied
+    by a flow), or with --size an empty OS or DATABLOCK image."""
     if (path is None) == (size is None):
         raise typer.BadParameter("give --path FILE to upload a file, or --size SIZE for an empty image (not both)")
+    api = Api()
     if size is not None:
-        from cli.lifecycle import create_empty_image
-
-        create_empty_image(name=name, type_=type_, datastore=datastore, size=size, persistent=persistent, bus=bus,
-                           driver=driver, description=description, skip_capacity_check=skip_capacity_check,
-                           wait=wait, remote=remote)
+        body = {"name": name, "type": type_.value, "size": size, "datastore": datastore, "persistent": persistent,
+                "bus": bus.value, "driver": (driver or DiskFormat.RAW).value, "description": description,
+                "skip_capacity_check": skip_capacity_check}
+        started = api.post("/images", body, **remote_param())
+        report_new_image(api, started["flow_run_id"], wait=wait)
         return
-    actor = acting_user()
-    with running_platform(worker=remote):
-        store = load_datastore(datastore)
-        catalog().check_new_image(actor, name=name, type_=type_, persistent=persistent)
-        if not path.is_file():
-            raise Refused(f"File {path} does not exist or is not a regular file: check the --path.")
-        driver = precheck_file(path, driver)
-        upload_id = uuid.uuid4().hex
-        size = path.stat().st_size
-        catalog().check_capacity(actor, datastore=datastore, limit_bytes=store.limit_bytes, required=size,
-                                 skip=skip_capacity_check)
-        staged = store.staging_ref(upload_id)
-        staging = open_staging()  # recorded before any byte: reconcile removes only recorded uploads
-        staging.record(upload_id=upload_id, datastore=datastore, bucket=staged.bucket, key=staged.key,
-                       owner=actor.user, group=actor.group)
-        submitted = False
-        try:
-            with open(path, "rb") as source, transfer_bar(f"staging {path.name}", size) as advance:
-                reader = transfer.HashingReader(source, advance)
-                store.upload(reader, staged, size_hint=size)
-            request = UploadRequest(
-                owner=actor.user, group=actor.group, name=name, type=type_, datastore=datastore,
-                persistent=persistent, bus=bus, driver=driver, description=description,
-                upload_id=upload_id, expected_sha256=reader.sha256, client_path=str(path.resolve()),
-                skip_capacity_check=skip_capacity_check,
-            )
-            flow_run_id = submit("upload", {"request": request.model_dump(mode="json")}, remote=remote)
-            submitted = True
-        finally:
-            if not submitted:  # nothing may stay behind a refused or interrupted upload
-                store.delete(staged)
-                staging.forget(upload_id)
-        report_new_image(upload_id, flow_run_id, wait=wait, remote=remote)
+    if not path.is_file():
+        raise Refused(f"File {path} does not exist or is not a regular file: check the --path.")
+    from tasks.inspection import precheck_file  # format inspection only: no Prefect, no boto3
+
+    driver = precheck_file(path, driver)  # refuse a wrong file before sending it (the service inspects again)
+    params = {"name": name, "type": type_.value, "datastore": datastore, "persistent": persistent, "bus": bus.value,
+              "driver": driver.value, "description": description, "skip_capacity_check": skip_capacity_check,
+              "client_path": str(path.resolve())}
+    file_size = path.stat().st_size
+    api.post("/images/upload/check", None, size=file_size, **params)
+    with transfer_bar(f"uploading {path.name}", file_size) as advance:
+        started = api.send_file("/images/upload", path, params={**params, **remote_param()}, progress=advance)
+    report_new_image(api, started["flow_run_id"], wait=wait)
 
 
 @app.command("list")
 @refusals_exit_1
-def list_images(json_: bool = typer.Option(False, "--json", help="Print a JSON list")) -> None:
+def list_images(json_: bool = typer.Option(False, "--json", help="Print a JSON list"),
+                mine: bool = typer.Option(False, "--mine", help="Only your own images")) -> None:
     """The images you can use (yours, your group's shared ones, everyone's shared ones)."""
-    images = catalog().list(acting_user())
+    images = Api().get("/images", mine=str(mine).lower())
     if json_:
-        print_json([i.to_dict() for i in images])
+        print_json(images)
     else:
         console.print(image_table(images))
 
@@ -129,29 +104,38 @@ def list_images(json_: bool = typer.Option(False, "--json", help="Print a JSON l
 @refusals_exit_1
 def show(image_id: int, json_: bool = typer.Option(False, "--json")) -> None:
     """One image in full, with its state history."""
-    image = catalog().get_for(acting_user(), image_id, Right.USE)
+    api = Api()
+    image = api.get(f"/images/{image_id}")
     if json_:
-        print_json(image.to_dict())
+        print_json(image)
         return
-    for key, value in image.to_dict().items():
-        console.print(f"[bold]{key.upper():<14}[/bold] {value if value is not None else '-'}", highlight=False)
+    for key, value in image.items():
+        console.print(literal(f"{key.upper():<14} {value if value is not None else '-'}"), soft_wrap=True)
     console.print("[bold]HISTORY[/bold]")
-    for row in catalog().history(image_id):
-        console.print(f"  {row['at']:%Y-%m-%d %H:%M:%S}  {row['from_state'] or '-':>16} -> {row['to_state']:<16} "
-                      f"{row['message']}", highlight=False)
+    for row in api.get(f"/images/{image_id}/history"):
+        console.print(literal(f"  {row['at'][:19].replace('T', ' ')}  {row['from_state'] or '-':>16} -> "
+                              f"{row['to_state'] or '(removed)':<16} {row['message']}"), soft_wrap=True)
 
 
 @app.command()
 @refusals_exit_1
 def export(image_id: int, file: Path) -> None:
     """Download an image's bytes to FILE, verified against the recorded sha256."""
-    image = catalog().get_for(acting_user(), image_id, Right.USE)
-    rules.check_export(image)
-    with running_platform():
-        store = load_datastore(image.datastore)
-        ref = ObjectRef.parse(image.datastore, image.source)
-        with transfer_bar(f"exporting {image.name}", image.size or 0) as advance:
-            digest = transfer.export_object(store, ref, file, sha256=image.sha256, progress=advance)
-    console.print(f"exported {image.size} bytes to {file} (sha256 {digest} verified)")
-
-
+    partial = file.with_name(f".{file.name}.partial")
+    digest = hashlib.sha256()
+    try:
+        with Api().stream(f"/images/{image_id}/content") as response, open(partial, "wb") as out:
+            expected = response.headers.get("x-image-sha256")
+            size = int(response.headers.get("content-length", 0))
+            with transfer_bar(f"exporting image {image_id}", size) as advance:
+                for chunk in response.iter_bytes(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    advance(len(chunk))
+        if expected and digest.hexdigest() != expected:
+            raise HcxError(f"Image {image_id}'s bytes hash to {digest.hexdigest()}, the catalog records {expected}: "
+                           f"the stored copy is damaged; nothing was written to {file}.")
+        os.replace(partial, file)
+    finally:
+        partial.unlink(missing_ok=True)
+    say(f"exported {size} bytes to {file} (sha256 {digest.hexdigest()} verified)")

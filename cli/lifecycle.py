@@ -1,46 +1,24 @@
-"""The image lifecycle verbs: clone, delete, enable, disable, persistent, nonpersistent, rename,
-update, chtype, retry, and the empty image of `create --size`.
-
-Every decision is the catalog's (catalog/operations.py over catalog/rules.py): these commands
-check what they can before anything moves, start the operation's flow where bytes move, and say
-what happened. Refusals exit 1 with the reason on stderr; usage errors exit 2.
-"""
+"""The image lifecycle verbs: clone, delete, retry, enable, disable, persistent, nonpersistent,
+rename, update, chtype, chmod, chown, chgrp. Every decision is the service's (the catalog's rules):
+these commands ask the image API, say what happened and, with --wait, follow the flow run."""
 
 from __future__ import annotations
 
 import hashlib
-import uuid
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from blocks.datastore import load_datastore
-from catalog import operations, rules
-from catalog.model import (
-    Bus, DiskFormat, HcxError, Image, ImageState, ImageType, Operation, Refused, parse_size,
-)
-from catalog.permissions import Right
-from catalog.requests import (
-    CloneRequest, CreateEmptyRequest, DeleteRequest, UploadRequest, check_empty_size, rerun_request,
-)
-from catalog.settings import get_settings
-from catalog.staging import open_staging
-from cli.common import (
-    acting_user, catalog, console, follow_flow_run, hook_grace, refusals_exit_1, report_new_image, run_outcome,
-    transfer_bar, wait_for_image,
-)
+from catalog.model import HcxError, ImageType, Refused
 from cli.app import app
-from cli.runtime import running_platform
-from flows.launcher import remote_mode, submit
-from tasks import qemu, transfer
+from cli.client import Api, ApiError, remote_param
+from cli.common import (
+    refusals_exit_1, report_new_image, said, say, transfer_bar, wait_for_image, wait_for_removal,
+)
 
 ImageId = typer.Argument(..., metavar="ID", help="Image id (see `hcx-image list`)")
 WAIT_HELP = "Follow the flow; exit 0 when it succeeded, 1 when the image is in ERROR"
-
-
-def _said(image: Image, what: str = "") -> None:
-    console.print(f"image {image.id} ({image.name}){what} is {image.state.value}", highlight=False)
 
 
 # --- verbs that start a flow -----------------------------------------------------------------
@@ -57,17 +35,10 @@ def clone(
 ) -> None:
     """Clone image ID into a new image NAME: same type, format and sha256; copied server-side when
     the datastores share an endpoint, streamed otherwise, and verified."""
-    actor = acting_user()
-    remote = remote_mode()
-    object_id = uuid.uuid4().hex
-    request = CloneRequest(owner=actor.user, group=actor.group, source_id=image_id, name=name, datastore=datastore,
-                           persistent=persistent, skip_capacity_check=skip_capacity_check, object_id=object_id)
-    with running_platform(worker=remote):
-        source = catalog().get_for(actor, image_id, Right.USE)
-        store = load_datastore(datastore or source.datastore)
-        operations.check_clone(catalog(), actor, request, limit_bytes=store.limit_bytes)
-        flow_run_id = submit("clone", {"request": request.model_dump(mode="json")}, remote=remote)
-        report_new_image(object_id, flow_run_id, wait=wait, remote=remote)
+    api = Api()
+    started = api.post(f"/images/{image_id}/clone", {"name": name, "datastore": datastore, "persistent": persistent,
+                                                     "skip_capacity_check": skip_capacity_check}, **remote_param())
+    report_new_image(api, started["flow_run_id"], wait=wait)
 
 
 @app.command()
@@ -79,124 +50,61 @@ def delete(
 ) -> None:
     """Delete an image: DELETE at once (its name is free again), then a flow removes its objects
     and, once they are gone, its row."""
-    actor = acting_user()
-    remote = remote_mode()
-    with running_platform(worker=remote):
-        image = operations.delete(catalog(), actor, image_id, force=force)
-        request = DeleteRequest(owner=actor.user, group=actor.group, image_id=image_id, force=force)
-        flow_run_id = submit("delete", {"request": request.model_dump(mode="json")}, remote=remote)
-        _said(image, ", its name free again,")
-        console.print(f"FLOW RUN: {flow_run_id}")
-        if wait:  # inside: the wait talks to Prefect, which only running_platform points at
-            wait_for_removal(image_id, flow_run_id)
+    api = Api()
+    started = api.delete(f"/images/{image_id}", force=str(force).lower(), **remote_param())
+    said(started["image"], ", its name free again,")
+    say(f"FLOW RUN: {started['flow_run_id']}")
+    if wait:
+        wait_for_removal(api, image_id, started["flow_run_id"])
 
 
 @app.command()
 @refusals_exit_1
 def retry(image_id: int = ImageId, wait: bool = typer.Option(False, "--wait", help=WAIT_HELP)) -> None:
     """Re-run the operation that left image ID in ERROR, from where it failed: staged bytes and
-    partial copies are reused when their size and sha256 check out."""
-    actor = acting_user()
-    remote = remote_mode()
-    image = catalog().get_for(actor, image_id, Right.MANAGE)
-    rules.retry(image)  # refuse before anything moves
-    with running_platform(worker=remote):
-        if image.last_operation.op is Operation.UPLOAD:
-            restage_if_gone(image)
-        image = operations.retry(catalog(), actor, image_id)
-        operation, rerun = rerun_request(image, actor)
-        flow_run_id = submit(operation.value, {"request": rerun.model_dump(mode="json")}, remote=remote)
-        _said(image, f", retrying its {operation.value},")
-        console.print(f"FLOW RUN: {flow_run_id}")
-        if not wait:
-            return
-        if operation is Operation.DELETE:
-            wait_for_removal(image_id, flow_run_id)
-            return
-        image = wait_for_image(lambda: catalog().find(image_id), flow_run_id, until_settled=True)
-    if image.state is ImageState.ERROR:
-        raise HcxError(f"image {image.id} is in ERROR: {image.error}")
-    _said(image)
+    partial copies are reused when their size and sha256 check out; an upload whose staged bytes
+    are gone is sent again from the file it came from, if it is unchanged."""
+    api = Api()
+    try:
+        started = api.post(f"/images/{image_id}/retry", None, **remote_param())
+    except ApiError as refusal:
+        if not refusal.body.get("needs_bytes"):
+            raise
+        started = _send_again(api, image_id, refusal)
+    image = started["image"]
+    said(image, f", retrying its {started['operation']},")
+    say(f"FLOW RUN: {started['flow_run_id']}")
+    if not wait:
+        return
+    if image["state"] == "DELETE":
+        wait_for_removal(api, image_id, started["flow_run_id"])
+        return
+    image = wait_for_image(api, started["flow_run_id"], until_settled=True)
+    if image["state"] == "ERROR":
+        raise HcxError(f"image {image['id']} is in ERROR: {image['error']}")
+    said(image)
 
 
-def restage_if_gone(image: Image) -> None:
-    """A CLI upload whose staged bytes are gone (swept, or dropped as damaged): stage the local
-    file it recorded again, if it still hashes to the image's sha256. Refused otherwise, with
-    nothing written. Staged bytes still there are left to the flow, which re-hashes them."""
-    last = image.last_operation
-    request = UploadRequest.model_validate(last.request)
-    if request.path:  # a file on the worker: the flow stages it again itself
-        return
-    store = load_datastore(request.datastore)
-    staged = store.staging_ref(last.upload_id)
-    if store.exists(staged) and store.head(staged).size == image.size:
-        return
-    refused = f"Cannot retry image {image.id}: its staged bytes are gone"
-    if not request.client_path:
+def _send_again(api: Api, image_id: int, refusal: ApiError) -> dict:
+    """The file a retried upload came from, sent again if it still hashes to the image's sha256."""
+    image = api.get(f"/images/{image_id}")
+    where = refusal.body.get("client_path")
+    refused = f"Cannot retry image {image_id}: its staged bytes are gone"
+    if not where:
         raise Refused(f"{refused} and no local file was recorded for them; delete the image and upload again.")
-    path = Path(request.client_path)
+    path = Path(where)
     if not path.is_file():
         raise Refused(f"{refused} and {path} no longer exists; delete the image and upload again.")
     digest = hashlib.sha256()
     with open(path, "rb") as source, transfer_bar(f"checking {path.name}", path.stat().st_size) as advance:
-        while chunk := source.read(get_settings().stream_chunk):
+        while chunk := source.read(1024 * 1024):
             digest.update(chunk)
             advance(len(chunk))
-    if digest.hexdigest() != image.sha256:
+    if digest.hexdigest() != image["sha256"]:
         raise Refused(f"{refused} and {path} has changed since (sha256 {digest.hexdigest()}, the image "
-                      f"recorded {image.sha256}); delete the image and upload the file again.")
-    actor, staging = acting_user(), open_staging()  # recorded before any byte, as every staged upload
-    staging.record(upload_id=last.upload_id, datastore=request.datastore, bucket=staged.bucket, key=staged.key,
-                   owner=actor.user, group=actor.group)
-    with open(path, "rb") as source, transfer_bar(f"staging {path.name} again", image.size or 0) as advance:
-        reader = transfer.HashingReader(source, advance)
-        store.upload(reader, staged, size_hint=image.size)
-    if reader.sha256 != image.sha256:  # it changed while being read
-        store.delete(staged)
-        staging.forget(last.upload_id)
-        raise Refused(f"{refused} and {path} changed while it was staged again; retry when it is quiet.")
-
-
-def wait_for_removal(image_id: int, flow_run_id: str) -> None:
-    """Follow a delete until the row is gone (exit 0) or the image is in ERROR (exit 1)."""
-
-    def outcome() -> bool | None:
-        image = catalog().find(image_id)
-        if image is not None and image.state is ImageState.ERROR:
-            raise HcxError(f"image {image_id} is in ERROR: {image.error}")
-        return True if image is None else None
-
-    removed, run = follow_flow_run(outcome, flow_run_id, grace=hook_grace)
-    if not removed:
-        image = catalog().find(image_id)
-        ended, message = run_outcome(run)
-        raise HcxError(f"image {image_id} is still {image.state.value if image else 'there'} but its flow run "
-                       f"ended {ended}: {message.rstrip('.')}. `hcx-image reconcile --wait` settles it.")
-    console.print(f"image {image_id} deleted")
-
-
-def create_empty_image(*, name: str, type_: ImageType, datastore: str, size: str, persistent: bool, bus: Bus,
-                       driver: DiskFormat | None, description: str, skip_capacity_check: bool, wait: bool,
-                       remote: bool) -> None:
-    """`create --size`: an empty OS or DATABLOCK disk made by the create-empty flow."""
-    actor = acting_user()
-    rules.validate_empty_image(type_=type_)
-    virtual_size = parse_size(size)
-    driver = driver or DiskFormat.RAW
-    check_empty_size(virtual_size, driver)  # at once, before anything starts
-    with running_platform(worker=remote):
-        store = load_datastore(datastore)
-        catalog().check_new_image(actor, name=name, type_=type_, persistent=persistent)
-        catalog().check_capacity(actor, datastore=datastore, limit_bytes=store.limit_bytes,
-                                 required=qemu.measure(driver, virtual_size), skip=skip_capacity_check)
-        object_id = uuid.uuid4().hex
-        request = CreateEmptyRequest(
-            owner=actor.user, group=actor.group, name=name, type=type_, size=virtual_size, datastore=datastore,
-            persistent=persistent, bus=bus, driver=driver, description=description,
-            skip_capacity_check=skip_capacity_check, object_id=object_id,
-        )
-        flow_run_id = submit("create-empty", {"request": request.model_dump(mode="json")}, remote=remote)
-        report_new_image(object_id, flow_run_id, wait=wait, remote=remote)
+                      f"recorded {image['sha256']}); delete the image and upload the file again.")
+    with transfer_bar(f"sending {path.name} again", path.stat().st_size) as advance:
+        return api.send_file(f"/images/{image_id}/retry", path, params=remote_param(), progress=advance)
 
 
 # --- verbs that only move the catalog --------------------------------------------------------
@@ -205,35 +113,35 @@ def create_empty_image(*, name: str, type_: ImageType, datastore: str, size: str
 @refusals_exit_1
 def enable(image_id: int = ImageId) -> None:
     """DISABLED -> READY; an image in ERROR goes back to what its VMs need (READY, USED, ...)."""
-    _said(operations.enable(catalog(), acting_user(), image_id))
+    said(Api().post(f"/images/{image_id}/enable"))
 
 
 @app.command()
 @refusals_exit_1
 def disable(image_id: int = ImageId) -> None:
     """READY or ERROR -> DISABLED: no new VM may use the image."""
-    _said(operations.disable(catalog(), acting_user(), image_id))
+    said(Api().post(f"/images/{image_id}/disable"))
 
 
 @app.command()
 @refusals_exit_1
 def persistent(image_id: int = ImageId) -> None:
     """Make the image persistent: one VM at a time, writing into the image itself."""
-    _said(operations.set_persistent(catalog(), acting_user(), image_id, True), " (persistent)")
+    said(Api().post(f"/images/{image_id}/persistent"), " (persistent)")
 
 
 @app.command()
 @refusals_exit_1
 def nonpersistent(image_id: int = ImageId) -> None:
     """Make the image non-persistent: every VM gets its own copy."""
-    _said(operations.set_persistent(catalog(), acting_user(), image_id, False), " (non-persistent)")
+    said(Api().post(f"/images/{image_id}/nonpersistent"), " (non-persistent)")
 
 
 @app.command()
 @refusals_exit_1
 def rename(image_id: int = ImageId, name: str = typer.Argument(..., metavar="NAME", help="The new name")) -> None:
     """Rename an image (names are unique per owner)."""
-    _said(operations.rename(catalog(), acting_user(), image_id, name))
+    said(Api().post(f"/images/{image_id}/rename", {"name": name}))
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -254,10 +162,8 @@ def update(
     """Change an image's description and free attributes."""
     if description is None and not set_ and not unset:
         raise typer.BadParameter("give --description, --set KEY=VALUE or --unset KEY")
-    attributes = dict(_key_value(item) for item in set_ or [])
-    image = operations.update(catalog(), acting_user(), image_id, description=description,
-                              set_attributes=attributes, unset=tuple(unset or ()))
-    _said(image)
+    body = {"description": description, "set": dict(_key_value(item) for item in set_ or []), "unset": unset or []}
+    said(Api().post(f"/images/{image_id}/update", body))
 
 
 @app.command()
@@ -267,4 +173,30 @@ def chtype(
     type_: ImageType = typer.Argument(..., metavar="TYPE", case_sensitive=False, help="OS, DATABLOCK or CDROM"),
 ) -> None:
     """Change the type of an image (a CDROM is always non-persistent)."""
-    _said(operations.change_type(catalog(), acting_user(), image_id, type_), f" ({type_.value})")
+    said(Api().post(f"/images/{image_id}/chtype", {"type": type_.value}), f" ({type_.value})")
+
+
+@app.command()
+@refusals_exit_1
+def chmod(image_id: int = ImageId,
+          mode: str = typer.Argument(..., metavar="OCTAL", help="owner/group/other x use/manage/admin, e.g. 640")) -> None:
+    """Change who may use and manage the image: 640 shares it with its group, 604 with everyone."""
+    image = Api().post(f"/images/{image_id}/chmod", {"mode": mode})
+    said(image, f" (permissions {image['permissions']})")
+
+
+@app.command()
+@refusals_exit_1
+def chown(image_id: int = ImageId, user: str = typer.Argument(..., metavar="USER"),
+          group: Optional[str] = typer.Argument(None, metavar="[GROUP]")) -> None:
+    """Give the image to USER (and GROUP): administrators only, unless USER is you."""
+    image = Api().post(f"/images/{image_id}/chown", {"user": user, "group": group})
+    said(image, f" (owner {image['owner']}, group {image['group']})")
+
+
+@app.command()
+@refusals_exit_1
+def chgrp(image_id: int = ImageId, group: str = typer.Argument(..., metavar="GROUP")) -> None:
+    """Change the image's group (one you are in, unless you are an administrator)."""
+    image = Api().post(f"/images/{image_id}/chgrp", {"group": group})
+    said(image, f" (group {image['group']})")

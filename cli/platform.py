@@ -1,23 +1,23 @@
-"""The platform side of the CLI: `up` (services, work pool, deployments, worker), `status`,
-the maintenance flows on demand, `--remote` (send operations through the deployments) and
-`platform yaml` (rewrite prefect.yaml from the flows)."""
+"""The platform side of the CLI: `up` (services, work pool, deployments, worker, image API, your
+administrator token), `status`, the maintenance flows on demand, `--remote` (send operations
+through the deployments) and `platform yaml` (rewrite prefect.yaml from the flows). Only `up`,
+`down` and `platform ...` load Prefect; the rest ask the image API."""
 
 from __future__ import annotations
 
+import getpass
+import os
 from pathlib import Path
 from typing import Optional
 
 import httpx
 import typer
-from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
-from sqlalchemy.engine import make_url
 
 from catalog.model import HcxError, Refused
-from catalog.settings import Settings, get_settings
-from cli.common import console, follow_flow_run, print_json, refusals_exit_1, run_outcome
-from cli.runtime import external_prefect_api, running_platform
+from catalog.settings import get_settings
+from cli.client import TOKEN_FILE, Api, remote_param, use_remote
+from cli.common import console, print_json, refusals_exit_1, say, wait_for_run
 from cli.stack import Stack
-from flows import launcher
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,11 +27,11 @@ platform_app = typer.Typer(help="The Prefect side: deployments and prefect.yaml.
 def global_options(
     remote: Optional[bool] = typer.Option(
         None, "--remote/--local",
-        help="Send operations through the Prefect deployments (a worker runs them) or run them in a "
-             "background process here (default: HCX_REMOTE)."),
+        help="Have the service send operations through the Prefect deployments (a worker runs them) or "
+             "run them in a process of its own (default: the service's HCX_REMOTE)."),
 ) -> None:
     """Manage virtual-machine disk images in S3 datastores."""
-    launcher.use_remote(remote)  # set on every invocation, so nothing carries over
+    use_remote(remote)  # set on every invocation, so nothing carries over
 
 
 def register(app: typer.Typer) -> None:
@@ -46,87 +46,71 @@ def register(app: typer.Typer) -> None:
 # --- up / status -----------------------------------------------------------------------------
 
 def bring_up(redeploy: bool = False) -> dict:
-    """Everything the platform needs, started if missing (idempotent); returns `status()`'s data."""
+    """Everything the platform needs, started if missing (idempotent), and an administrator with
+    a token for the OS user who ran it; returns `status`'s data."""
+    from cli.runtime import running_platform
+
     with running_platform(worker=True, redeploy=redeploy):
-        pass
-    return platform_status(get_settings())
+        write_admin_token(getpass.getuser())
+    return platform_status()
 
 
-def _healthy(api_url: str | None) -> bool:
-    if not api_url:
+def write_admin_token(user: str) -> Path:
+    """The OS user who ran `up` is an administrator; their token file (mode 600) is kept while it
+    still works, so `make demo` and the CLI need no extra step."""
+    from catalog.identity import open_directory
+
+    directory = open_directory()
+    directory.ensure_user(user, admin=True)
+    path = get_settings().home.expanduser() / TOKEN_FILE
+    if path.exists() and directory.authenticate(path.read_text().strip()) is not None:
+        return path
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(directory.issue_token(user) + "\n")
+    os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def _answers(url: str | None) -> bool:
+    if not url:
         return False
     try:
-        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
+        return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def _deployments(api_url: str) -> list[dict]:
-    """The deployments on the API, read over plain REST (status must work against any server)."""
-    flows = {f["id"]: f["name"] for f in httpx.post(f"{api_url}/flows/filter", json={}, timeout=5).json()}
-    found = []
-    for deployment in httpx.post(f"{api_url}/deployments/filter", json={}, timeout=5).json():
-        schedules = [f"every {s['schedule']['interval']:g}s" if "interval" in s["schedule"] else
-                     s["schedule"].get("cron") or s["schedule"].get("rrule") or "scheduled"
-                     for s in deployment.get("schedules", []) if s.get("active", True)]
-        found.append({"name": f"{flows.get(deployment['flow_id'], '?')}/{deployment['name']}",
-                      "id": deployment["id"], "work_pool": deployment.get("work_pool_name"),
-                      "schedules": schedules, "paused": deployment.get("paused", False)})
-    return sorted(found, key=lambda d: d["name"])
-
-
-def _last_runs(api_url: str) -> dict[str, dict | None]:
-    """Each maintenance flow's latest run that started: {"state", "at", "scheduled"} (None when it
-    never ran), so an operator sees at once whether the backstop runs. `scheduled` says the
-    deployment's schedule made it (Prefect's `auto_scheduled`), not a user or an automation."""
-    found: dict[str, dict | None] = {}
-    for name in launcher.maintenance():
-        runs = httpx.post(f"{api_url}/flow_runs/filter", timeout=5, json={
-            "flows": {"name": {"any_": [launcher.deployable()[name].name]}},
-            "flow_runs": {"start_time": {"is_null_": False}},
-            "sort": "START_TIME_DESC", "limit": 1,
-        }).raise_for_status().json()
-        found[name] = {"state": runs[0]["state_name"] or runs[0]["state_type"],
-                       "at": runs[0]["end_time"] or runs[0]["start_time"],
-                       "scheduled": bool(runs[0].get("auto_scheduled")),
-                       "flow_run_id": runs[0]["id"]} if runs else None
-    return found
-
-
-def _safe_url(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)
-
-
-def platform_status(settings: Settings) -> dict:
-    """What runs where (never starts anything; credentials never shown)."""
-    stack = Stack(settings)
+def local_status() -> dict:
+    """What this machine's stack runs (from $HCX_HOME/stack.json; never a credential)."""
+    stack = Stack(get_settings())
     state = stack.load()
-    external = external_prefect_api()
-    api_url = external or (f"{state.prefect_url}/api" if state.prefect.ports else None)
-    api_up = _healthy(api_url)
-    if external:
-        with temporary_settings(updates={PREFECT_API_URL: external}):
-            ui_url = PREFECT_UI_URL.value()
-    else:
-        ui_url = state.prefect_url if state.prefect.ports else None
-    worker_running = stack.running(state.worker)
+    api_url = stack.api_url(state)
     return {
         "home": str(stack.home),
-        "catalog": _safe_url(settings.catalog_url),
-        "mode": "remote" if launcher.remote_mode() else "local",
+        "api_url": api_url,
+        "api": {"running": _answers(f"{api_url}/health" if api_url else None), "log": str(stack.logs / "api.log")},
         "s3_endpoint": state.s3_endpoint if state.s3.ports else None,
         "s3": {"running": stack.running(state.s3) and stack.s3_ready(state), "pid": state.s3.pid,
                "log": str(stack.logs / "seaweedfs.log")},
-        "prefect_api_url": api_url,
-        "prefect_ui_url": ui_url,
-        "prefect": {"running": api_up, "external": bool(external), "pid": None if external else state.prefect.pid,
-                    "log": None if external else str(stack.logs / "prefect-server.log")},
-        "worker": {"pool": settings.work_pool, "running": worker_running,
-                   "pid": state.worker.pid if worker_running else None,
-                   "online": api_up and stack.worker_online(api_url), "log": str(stack.logs / "worker.log")},
-        "deployments": _deployments(api_url) if api_up else [],
-        "last_runs": _last_runs(api_url) if api_up else {name: None for name in launcher.maintenance()},
+        "prefect": {"pid": state.prefect.pid if stack.running(state.prefect) else None,
+                    "log": str(stack.logs / "prefect-server.log")},
+        "worker": {"pool": get_settings().work_pool, "running": stack.running(state.worker),
+                   "pid": state.worker.pid if stack.running(state.worker) else None,
+                   "log": str(stack.logs / "worker.log")},
     }
+
+
+def platform_status() -> dict:
+    """This machine's stack, and what the image API says of the platform (when it answers)."""
+    data = local_status()
+    try:
+        service = Api().get("/status")
+    except HcxError as exc:
+        service = {"prefect": {"running": False}, "worker": {"online": False}, "deployments": [], "last_runs": {},
+                   "unavailable": str(exc)}
+    merged = {part: {**data[part], **service.pop(part, {})} for part in ("prefect", "worker")}
+    return {**data, **service, **merged}
 
 
 def print_status(data: dict) -> None:
@@ -134,31 +118,33 @@ def print_status(data: dict) -> None:
         return "[green]running[/green]" if running else "[red]stopped[/red]"
 
     worker = data["worker"]
-    console.print(f"Home:           {data['home']}  (catalog {data['catalog']})", highlight=False)
-    console.print(f"S3 endpoint:    {data['s3_endpoint'] or '-'}  {said(data['s3']['running'])}", highlight=False)
-    console.print(f"Prefect API:    {data['prefect_api_url'] or '-'}  {said(data['prefect']['running'])}"
-                  f"{' (external)' if data['prefect']['external'] else ''}", highlight=False)
-    console.print(f"Prefect UI:     {data['prefect_ui_url'] or '-'}", highlight=False)
+    console.print(f"Home:           {data['home']}  (catalog {data.get('catalog', '-')})")
+    console.print(f"Image API:      {data['api_url'] or '-'}  {said(data['api']['running'])}")
+    console.print(f"S3 endpoint:    {data['s3_endpoint'] or '-'}  {said(data['s3']['running'])}")
+    console.print(f"Prefect API:    {data.get('prefect_api_url') or '-'}  {said(data['prefect'].get('running', False))}")
+    console.print(f"Prefect UI:     {data.get('prefect_ui_url') or '-'}")
     console.print(f"Worker:         pool {worker['pool']}, {said(worker['running'])}"
-                  f"{', pid ' + str(worker['pid']) if worker['pid'] else ''}"
-                  f"{', online' if worker['online'] else ''}", highlight=False)
-    console.print(f"Operations run: {data['mode']}ly (--remote/--local, HCX_REMOTE)", highlight=False)
+                  f"{', online' if worker.get('online') else ''}{', pid ' + str(worker['pid']) if worker['pid'] else ''}")
+    if "unavailable" in data:
+        console.print(f"(the image API did not answer: {data['unavailable']})")
+        return
+    console.print(f"Operations run: {data['mode']}ly (--remote/--local, HCX_REMOTE)")
     for deployment in data["deployments"]:
         when = ", ".join(deployment["schedules"]) or "on demand"
-        console.print(f"  deployment {deployment['name']:<24} {when}", highlight=False)
+        console.print(f"  deployment {deployment['name']:<24} {when}")
     for name, last in data["last_runs"].items():
         if last is None:
             said_last = "never ran"
         else:
             how = "by its schedule" if last["scheduled"] else "by hand or an automation"
             said_last = f"{last['state']} at {last['at']}, {how}"
-        console.print(f"  last {name + ':':<10} {said_last}", highlight=False)
+        console.print(f"  last {name + ':':<10} {said_last}")
 
 
 @refusals_exit_1
 def status(json_: bool = typer.Option(False, "--json", help="Print JSON")) -> None:
-    """What runs where: S3 endpoint, Prefect API and UI, worker, deployments."""
-    data = platform_status(get_settings())
+    """What runs where: the image API, S3 endpoint, Prefect API and UI, worker, deployments."""
+    data = platform_status()
     if json_:
         print_json(data)
     else:
@@ -167,22 +153,10 @@ def status(json_: bool = typer.Option(False, "--json", help="Print JSON")) -> No
 
 # --- maintenance on demand -------------------------------------------------------------------
 
-def follow_run(flow_run_id: str) -> str:
-    """Wait for a flow run to end (Prefect's wait_for_flow_run); its final state type (a failure
-    raises with its message)."""
-    _, run = follow_flow_run(lambda: None, flow_run_id)
-    ended, message = run_outcome(run)
-    if ended != "COMPLETED":
-        raise HcxError(f"flow run {run.name} ended {ended}: {message}")
-    return ended
-
-
-def _run_maintenance(name: str, parameters: dict, wait: bool) -> None:
-    with running_platform():
-        flow_run_id = launcher.submit(name, parameters)
-        console.print(f"FLOW RUN: {flow_run_id}")
-        if wait:
-            console.print(f"{name} {follow_run(flow_run_id)}")
+def _run_maintenance(api: Api, name: str, started: dict, wait: bool) -> None:
+    say(f"FLOW RUN: {started['flow_run_id']}")
+    if wait:
+        say(f"{name} {wait_for_run(api, started['flow_run_id'])}")
 
 
 @refusals_exit_1
@@ -197,28 +171,26 @@ def reconcile(
 ) -> None:
     """Settle images left by dead operations, sweep old uploads the service recorded (unknown objects
     are only reported), audit datastores."""
-    from catalog.requests import RequestedBy
-    from catalog.staging import reconcile_limits
-    from cli.common import acting_user
-
-    actor = acting_user()  # the caller's word until the image API authenticates it
-    reconcile_limits(get_settings(), actor, staging_ttl_hours=ttl_hours, stale_after_seconds=stale_after)
-    _run_maintenance("reconcile", {"staging_ttl_hours": ttl_hours, "stale_after_seconds": stale_after,
-                                   "requested_by": RequestedBy(owner=actor.user, group=actor.group).model_dump()},
-                     wait)
+    api = Api()
+    started = api.post("/maintenance/reconcile", {"ttl_hours": ttl_hours, "stale_after": stale_after},
+                       **remote_param())
+    _run_maintenance(api, "reconcile", started, wait)
 
 
 @refusals_exit_1
 def monitor(wait: bool = typer.Option(False, "--wait")) -> None:
-    """Measure used/free/total space of every datastore (table artifact `datastore-usage`)."""
-    _run_maintenance("monitor", {}, wait)
+    """Measure used/free/total space of every datastore (table artifact `datastore-usage`; administrators)."""
+    api = Api()
+    _run_maintenance(api, "monitor", api.post("/maintenance/monitor", **remote_param()), wait)
 
 
 @refusals_exit_1
 def scrub(image_ids: Optional[list[int]] = typer.Argument(None, help="Only these images"),
           wait: bool = typer.Option(False, "--wait")) -> None:
-    """Re-hash READY images against their recorded sha256; a mismatch moves the image to ERROR."""
-    _run_maintenance("scrub", {"image_ids": image_ids or None}, wait)
+    """Re-hash READY images against their recorded sha256; a mismatch moves the image to ERROR (administrators)."""
+    api = Api()
+    _run_maintenance(api, "scrub", api.post("/maintenance/scrub", None, image_ids=image_ids or None,
+                                            **remote_param()), wait)
 
 
 # --- prefect.yaml ----------------------------------------------------------------------------

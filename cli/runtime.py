@@ -14,7 +14,7 @@ from typing import Iterator
 
 from prefect.context import refresh_global_settings_context
 from prefect.events.worker import EventsWorker
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from blocks.datastore import S3Datastore
 from catalog.settings import Settings, get_settings
@@ -55,8 +55,8 @@ def ensure_deployments(stack: Stack, state: StackState, api_url: str, *, redeplo
     from flows.platform import apply_deployments, deployments_signature, missing_automations, missing_deployments
 
     applied = f"{api_url} {deployments_signature(stack.settings)}"
-    if (redeploy or state.deployments_applied != applied or missing_deployments(api_url)
-            or missing_automations(api_url)):
+    if (redeploy or state.deployments_applied != applied or missing_deployments()
+            or missing_automations()):
         apply_deployments(stack.settings)
         state.deployments_applied = applied
         stack.save(state)
@@ -67,9 +67,11 @@ def running_platform(settings: Settings | None = None, *, start: bool = True, wo
                      redeploy: bool = False) -> Iterator[StackState]:
     """Start what is missing (idempotent) and point this process's Prefect client at it; with
     `worker` (default: when operations go through the deployments, --remote / HCX_REMOTE), also
-    the work pool, the deployments and automations (`ensure_deployments`) and a worker. On the
-    embedded Prefect server the deployments and automations are always there, so that a run whose
-    process dies is marked CRASHED (and every wait on it ends) even before `up` started a worker."""
+    the work pool, the deployments and automations (`ensure_deployments`), a worker and the image
+    API. On the embedded Prefect server the deployments and automations are always there, so that
+    a run whose process dies is marked CRASHED (and every wait on it ends) even before `up` started
+    a worker. The embedded server demands its auth string: this process's client and the
+    processes it starts get it (PREFECT_API_AUTH_STRING)."""
     settings = settings or get_settings()
     if worker is None:
         from flows.launcher import remote_mode
@@ -82,13 +84,16 @@ def running_platform(settings: Settings | None = None, *, start: bool = True, wo
         state = stack.ensure_s3(state)
     api_url = external_prefect_api()
     embedded = api_url is None
+    updates = {}
     if embedded:
         if start:
             state = stack.ensure_prefect(state)
         api_url = f"{state.prefect_url}/api" if state.prefect.ports else None
-        # Child processes (flow runs) must find the same API.
+        # Child processes (flow runs) must find the same API, with its auth string.
         os.environ.update(stack.prefect_env(state))
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        if stack.auth_string():
+            updates[PREFECT_API_AUTH_STRING] = stack.auth_string()
+    with temporary_settings(updates={PREFECT_API_URL: api_url, **updates}):
         # Register the embedded datastores once per S3 start and per Prefect API.
         if start and (state.s3.pid != s3_pid or state.datastores_registered_at != api_url):
             ensure_embedded_datastores(state)
@@ -98,9 +103,12 @@ def running_platform(settings: Settings | None = None, *, start: bool = True, wo
             ensure_deployments(stack, state, api_url, redeploy=redeploy)
         if start and worker:
             stack.ensure_worker(state, api_url)
+            stack.ensure_api(state, api_url)
         try:
             yield state
         finally:
             # Send this process's Prefect events while the API is still configured; left to
             # exit time they would wait on an API this process no longer knows.
             EventsWorker.drain_all(timeout=5, at_exit=False)
+            if start:  # what this process created under $HCX_HOME (a catalog database, say) too
+                stack.lock_down()

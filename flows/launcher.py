@@ -22,7 +22,7 @@ from prefect import Flow
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 from prefect.states import Cancelled, Crashed
 
 from catalog.model import HcxError
@@ -107,8 +107,7 @@ def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> s
     settings = get_settings()
     logs = settings.home.expanduser() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value() or "",
-           "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds)}
+    env = {**os.environ, **_prefect_client_env(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds)}
     with open(logs / "flow-runs.log", "ab") as log:
         _launched[str(run.id)] = subprocess.Popen(
             [sys.executable, "-m", "flows.launcher", flow_name, str(run.id)],
@@ -116,6 +115,15 @@ def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> s
             start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
         )
     return str(run.id)
+
+
+def _prefect_client_env() -> dict[str, str]:
+    """The Prefect API this process uses, and its auth string (a server behind one answers 401
+    without it), for a process that must reach the same API."""
+    env = {"PREFECT_API_URL": PREFECT_API_URL.value() or ""}
+    if auth := PREFECT_API_AUTH_STRING.value():
+        env["PREFECT_API_AUTH_STRING"] = auth
+    return env
 
 
 _launched: dict[str, subprocess.Popen] = {}  # the background processes this process started, by flow run
@@ -138,6 +146,12 @@ def crash_if_its_process_died(flow_run_id: str) -> bool:
             message=f"The process running this flow run exited (code {process.returncode}) before the run "
                     f"ended; its output is in {log}."), force=True)
     return True
+
+
+def crash_runs_whose_process_died() -> list[str]:
+    """`crash_if_its_process_died` for every run this process launched (a service calls it
+    periodically, as a worker watches its processes); the ids of the runs it marked CRASHED."""
+    return [run_id for run_id in list(_launched) if crash_if_its_process_died(run_id)]
 
 
 def execute(flow_name: str, flow_run_id: str) -> None:

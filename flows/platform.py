@@ -15,7 +15,6 @@ import json
 from datetime import timedelta
 from typing import Any
 
-import httpx
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -30,28 +29,10 @@ from catalog.settings import Settings
 from flows.launcher import deployable, entrypoint, maintenance, registry
 
 POOL_TYPE = ProcessWorker.type
-STAGED_EVENT = "hcx.image.staged"
-UPLOAD_RESOURCE_PREFIX = "hcx.upload."
 ZOMBIE_AUTOMATION = "hcx: crash flow runs whose process is gone"
 CRASHED_AUTOMATION = "hcx: settle crashed image operations"
 
 _TRIGGERS: TypeAdapter = TypeAdapter(DeploymentTriggerTypes)
-
-
-def staged_trigger() -> dict[str, Any]:
-    """Register an upload when an external tool says it staged one: resource `hcx.upload.<id>`,
-    payload `{"request": <UploadRequest as JSON, upload_id included>}` (see docs/platform.md)."""
-    return {
-        "type": "event",
-        "name": "register staged uploads",
-        "enabled": True,
-        "match": {"prefect.resource.id": f"{UPLOAD_RESOURCE_PREFIX}*"},
-        "expect": [STAGED_EVENT],
-        "posture": "Reactive",
-        "threshold": 1,
-        "within": 0,
-        "parameters": {"request": "{{ event.payload.request }}"},
-    }
 
 
 def _intervals(settings: Settings) -> dict[str, int]:
@@ -73,7 +54,7 @@ def deployment_specs(settings: Settings) -> list[dict[str, Any]]:
             "enforce_parameter_schema": True,
             "work_pool": {"name": settings.work_pool, "job_variables": {}},
             "schedules": [{"interval": intervals[name]}] if intervals.get(name) else [],
-            "triggers": [staged_trigger()] if name == "upload" else [],
+            "triggers": [],
         }
         specs.append(spec)
     return specs
@@ -168,7 +149,8 @@ def render_prefect_yaml(settings: Settings | None = None) -> str:
         "# `hcx-image up` applies the same deployments (with the HCX_*_EVERY settings), the dead-run\n"
         "# automations and starts a worker; with a Prefect API of your own: `prefect work-pool create\n"
         "# hcx-process --type process`, then `prefect deploy --all` from this directory and `prefect worker\n"
-        "# start --pool hcx-process` (set PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 for the worker).\n"
+        "# start --pool hcx-process` (set PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 for the worker). `prefect deploy`\n"
+        "# needs PREFECT_API_AUTH_STRING for a server behind one (the embedded one: $HCX_HOME/prefect-auth).\n"
     )
     return header + yaml.safe_dump(document, sort_keys=False, width=100)
 
@@ -210,18 +192,21 @@ def deployments_signature(settings: Settings) -> str:
     from prefect.utilities.callables import parameter_schema
 
     flows = deployable()
-    described = [(spec, parameter_schema(flows[spec["name"]]).model_dump()) for spec in deployment_specs(settings)]
+    described = [(spec, parameter_schema(flows[spec["name"]]).model_dump())
+                 for spec in deployment_specs(settings)]
     described.append((automation_specs(settings, "-"), {}))
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def missing_deployments(api_url: str) -> list[str]:
-    """Deployments the API lacks (deleted in the UI, say); read over plain REST."""
-    names = {d["name"] for d in httpx.post(f"{api_url}/deployments/filter", json={}, timeout=10).json()}
+def missing_deployments() -> list[str]:
+    """Deployments the configured Prefect API lacks (deleted in the UI, say)."""
+    with get_client(sync_client=True) as client:
+        names = {d.name for d in client.read_deployments()}
     return sorted(set(deployable()) - names)
 
 
-def missing_automations(api_url: str) -> list[str]:
-    """Our automations the API lacks (deleted in the UI, say); read over plain REST."""
-    names = {a["name"] for a in httpx.post(f"{api_url}/automations/filter", json={}, timeout=10).json()}
+def missing_automations() -> list[str]:
+    """Our automations the configured Prefect API lacks (deleted in the UI, say)."""
+    with get_client(sync_client=True) as client:
+        names = {a.name for a in client.read_automations()}
     return sorted({ZOMBIE_AUTOMATION, CRASHED_AUTOMATION} - names)

@@ -74,7 +74,8 @@ def upload(request: UploadRequest) -> int:
     upload_id = upload_id_of(request, flow_run.get_id())
     check_upload_request(request, upload_id)
     if request.path:
-        stage_local_file(request.path, request.datastore, upload_id, owner=request.owner, group=request.group)
+        stage_local_file(request.path, request.datastore, upload_id, owner=request.owner,
+                         group=request.actor().group)
     inspected = inspect_staged(request.datastore, upload_id, request.driver, request.expected_sha256)
     image = register_upload(request, upload_id, inspected)
     if not rules.awaits_operation(image):  # sent again after it had finished: nothing left to do

@@ -23,8 +23,8 @@ from typing import Callable
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="hcx-test-"))
 # Before anything reads settings (they are cached per process).
 os.environ["HCX_HOME"] = str(_SESSION_HOME)
-os.environ["HCX_USER"] = "alice"
-os.environ["HCX_GROUP"] = "users"
+for _identity in ("HCX_USER", "HCX_GROUP", "HCX_TOKEN", "HCX_API_URL"):  # identity comes from tokens only
+    os.environ.pop(_identity, None)
 os.environ.pop("HCX_DATABASE_URL", None)
 os.environ.pop("HCX_REMOTE", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -59,6 +59,7 @@ def stack_state(prefect_api):
     """SeaweedFS started exactly as `hcx-image up` starts it, plus the embedded datastores."""
     stack = Stack(get_settings())
     with running_platform() as state:
+        _ensure_session_users()
         yield state
     stack.down()
 
@@ -73,15 +74,81 @@ def catalog(stack_state):
     return open_catalog()
 
 
+# The session's users (in the session catalog's directory): alice and carol share the group
+# `users`, bob is in `staff`, root is an administrator. Flows resolve request owners here.
+SESSION_USERS = {"alice": ["users"], "bob": ["staff"], "carol": ["users"]}
+
+
+def _ensure_session_users() -> None:
+    from catalog.identity import open_directory
+
+    directory = open_directory()
+    if not directory.group_exists("staff"):
+        directory.add_group("staff")
+    for name, groups in SESSION_USERS.items():
+        directory.ensure_user(name, groups)
+    directory.ensure_user("root", admin=True)
+
+
+@pytest.fixture(scope="session")
+def tokens(stack_state) -> dict[str, str]:
+    """An API token for each session user and for the administrator `root`."""
+    from catalog.identity import open_directory
+
+    return {name: open_directory().issue_token(name) for name in (*SESSION_USERS, "root")}
+
+
+@pytest.fixture(scope="session")
+def image_api(stack_state, tokens) -> str:
+    """The image API started as `hcx-image up` starts it (a process of its own, real HTTP), on the
+    session's catalog and Prefect API; its base URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    stack = Stack(get_settings())
+    state = stack.ensure_api(stack.load(), prefect_api_url=PREFECT_API_URL.value())
+    return stack.api_url(state)
+
+
 @pytest.fixture
-def cli(stack_state):
-    """Run `hcx-image ...` in this process; returns click's Result (exit_code, stdout, stderr)."""
+def api_as(image_api, tokens) -> Callable[[str], httpx.Client]:
+    """An HTTP client of the image API with the token of a session user (or `root`)."""
+    clients: list[httpx.Client] = []
+
+    def make(user: str) -> httpx.Client:
+        client = httpx.Client(base_url=f"{image_api}/api/v1", timeout=60,
+                              headers={"Authorization": f"Bearer {tokens[user]}"})
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def cli(image_api, tokens):
+    """Run `hcx-image ...` in this process as a session user (default alice), a client of the
+    session's image API; returns click's Result (exit_code, stdout, stderr)."""
     runner = CliRunner()
 
-    def run(*args: str):
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    def run(*args: str, user: str = "alice", env: dict[str, str] | None = None):
+        environment = {"HCX_API_URL": image_api, "HCX_TOKEN": tokens[user], **(env or {})}
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False, env=environment)
 
     return run
+
+
+@pytest.fixture
+def add_datastore(cli, stack_state):
+    """`hcx-image datastore add NAME --bucket ... ARGS` as the administrator root, the secret key
+    given as an administrator would: in $HCX_DATASTORE_SECRET_KEY, never on the command line."""
+
+    def add(name: str, *args: str, endpoint: str | None = None, secret: str | None = None):
+        return cli("datastore", "add", name, "--endpoint", endpoint or stack_state.s3_endpoint,
+                   "--access-key", stack_state.s3_access_key, *args, user="root",
+                   env={"HCX_DATASTORE_SECRET_KEY": secret or stack_state.s3_secret_key})
+
+    return add
 
 
 @pytest.fixture
@@ -201,8 +268,8 @@ def staging_leftovers():
 
 
 def upload_request(name: str, **fields) -> UploadRequest:
-    settings = get_settings()
-    return UploadRequest(owner=settings.user, group=settings.group, name=name, **fields)
+    """An upload as the image API would send it for alice (the session's default user)."""
+    return UploadRequest(owner=fields.pop("owner", "alice"), name=name, **fields)
 
 
 @pytest.fixture
@@ -341,7 +408,7 @@ def cuttable_proxy(stack_state):
 
 # --- the lifecycle: datastores, images in any state, actors -----------------------------------
 
-ALICE = Actor(user="alice", group="users")  # the CLI's user in this session (HCX_USER)
+ALICE = Actor(user="alice", group="users")  # the CLI's user in this session (its token's)
 BOB = Actor(user="bob", group="staff")
 ADMIN = Actor(user="root", group="oneadmin", is_admin=True)
 
@@ -462,7 +529,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-class _AskAgainWhenUnavailable(httpx.HTTPTransport):
+class AskAgainWhenUnavailable(httpx.HTTPTransport):
     """A 503 from the embedded server (its SQLite was locked by a concurrent write) is asked again
     after a pause, as Prefect's own client does; so is a read or a PATCH that timed out while the
     two test workers load the machine (both are idempotent)."""
@@ -510,15 +577,17 @@ class Platform:
                               text=True, timeout=timeout, cwd=self.home)
 
     def rest(self) -> httpx.Client:
-        return httpx.Client(base_url=self.api_url, timeout=30, transport=_AskAgainWhenUnavailable())
+        return httpx.Client(base_url=self.api_url, timeout=30, transport=AskAgainWhenUnavailable(),
+                            headers=self.stack.prefect_headers(self.api_url))
 
     @contextmanager
     def sdk(self):
         """This process's Prefect client (blocks, SDK calls) pointed at the platform's API."""
         from prefect.events.worker import EventsWorker
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: self.api_url,
+                                         PREFECT_API_AUTH_STRING: self.stack.auth_string()}):
             try:
                 yield
             finally:  # its events (block loads) go to this API, and later ones to the next
@@ -603,7 +672,7 @@ class Platform:
 
     def pids(self) -> list[int]:
         state = self.state
-        return [pid for pid in (state.s3.pid, state.prefect.pid, state.worker.pid) if pid]
+        return [pid for pid in (state.s3.pid, state.prefect.pid, state.worker.pid, state.api.pid) if pid]
 
 
 @contextmanager
@@ -611,7 +680,7 @@ def platform_up(home: Path, **settings: str):
     """`hcx-image up` in `home` on free ports, with extra environment `settings` (HCX_*, PREFECT_*);
     `hcx-image down` after, and nothing it started may outlive it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "HCX_"))}
-    env.update(HCX_HOME=str(home), HCX_USER="alice", HCX_GROUP="users", HCX_WORKER_POLL_SECONDS="1",
+    env.update(HCX_HOME=str(home), HCX_WORKER_POLL_SECONDS="1",
                PREFECT_HOME=str(home / "prefect-cli"), PREFECT_SERVER_ANALYTICS_ENABLED="false", **settings)
     started = Platform(home, env)
     result = started.hcx("up", timeout=300)
@@ -636,14 +705,14 @@ def platform(tmp_path_factory) -> Platform:
 
 @pytest.fixture(scope="session")
 def finished_upload(platform, tmp_path_factory) -> dict:
-    """One upload through the deployment's REST API, run by the worker to the end:
+    """One upload through the deployment's REST API, run by the worker to the end, as an operator
+    holding the auth string would start it (no owner: it acts as the administrator oneadmin):
     {"flow_run": <run>, "image": Image, "name": str}."""
     source = tmp_path_factory.mktemp("upload") / "disk.raw"
     source.write_bytes(os.urandom(6 * 1024 * 1024 + 17))
     upload_id = platform.stage(source)
     name = f"rest-{upload_id[:8]}"
-    reply = platform.create_run("upload", {"request": {"owner": "alice", "group": "users", "name": name,
-                                                       "type": "DATABLOCK", "upload_id": upload_id}})
+    reply = platform.create_run("upload", {"request": {"name": name, "type": "DATABLOCK", "upload_id": upload_id}})
     assert reply.status_code == 201, reply.text
     run = platform.wait_run(reply.json()["id"])
     assert run["state_type"] == "COMPLETED", run["state"]

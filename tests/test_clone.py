@@ -113,7 +113,9 @@ CLONE_REFUSALS = {
     "name taken": lambda src, put, ds, name: (clone_request(src.id, put(S.READY).name), "NAME is already taken by IMAGE"),
     "no room": lambda src, put, ds, name: (clone_request(src.id, name, datastore=ds(limit_bytes=src.size - 1)),
                                            "has no room for this image"),
-    "no USE right": lambda src, put, ds, name: (clone_request(src.id, name, actor=BOB), "User bob has no USE right"),
+    # A source one may not use answers as a missing one (whether it exists is its owner's business).
+    "no USE right": lambda src, put, ds, name: (clone_request(src.id, name, actor=BOB),
+                                               f"Image {src.id} does not exist"),
     "persistent CDROM": lambda src, put, ds, name: (
         clone_request(put(S.READY, type=ImageType.CDROM, source=src.source, source_etag=src.source_etag).id, name,
                       persistent=True), "always non-persistent"),

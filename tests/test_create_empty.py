@@ -115,12 +115,11 @@ def test_flow_refuses_an_impossible_size_from_any_caller(catalog, unique_name, s
     assert (catalog_snapshot(catalog), store_objects(store)) == before
 
 
-def test_create_refuses_what_does_not_fit_the_datastore(cli, catalog, stack_state, unique_name, raw_file,
+def test_create_refuses_what_does_not_fit_the_datastore(cli, add_datastore, catalog, stack_state, unique_name, raw_file,
                                                         ready_image, store_objects):
     """`datastore add --limit`; an upload and an empty image that do not fit are refused up front."""
     ds = unique_name("small")
-    added = cli("datastore", "add", ds, "--endpoint", stack_state.s3_endpoint, "--bucket", f"{ds}-b", "--limit", "5M",
-                "--access-key", stack_state.s3_access_key, "--secret-key", stack_state.s3_secret_key)
+    added = add_datastore(ds, "--bucket", f"{ds}-b", "--limit", "5M")
     assert added.exit_code == 0, added.stderr
     store = load_datastore(ds)
     assert store.limit_bytes == 5 * MiB

@@ -204,6 +204,13 @@ class Lifecycle(RuleBasedStateMachine):
         image_id = self.pick(data)
         self.attempt(lambda: operations.change_type(self.catalog, ALICE, image_id, new_type))
 
+    @rule(data=st.data(), mode=st.sampled_from([0o600, 0o640, 0o604, 0o400, 0o000, 0o700]), admin=st.booleans())
+    def chmod(self, data, mode, admin):
+        """Permissions change in any state but DELETE; alice may lock herself out (later operations
+        of hers are then refused and change nothing)."""
+        image_id = self.pick(data)
+        self.attempt(lambda: operations.chmod(self.catalog, ADMIN if admin else ALICE, image_id, mode))
+
     @rule(data=st.data())
     def scrub_finds_damage(self, data):
         image_id = self.pick(data)

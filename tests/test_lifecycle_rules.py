@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from catalog import operations, rules
-from catalog.model import ImageState, ImageType, PermissionDenied, Refused
+from catalog.model import ImageState, ImageType, NotFound, PermissionDenied, Refused
 from catalog.requests import CloneRequest
 from tests.conftest import ADMIN, ALICE, BOB, all_at_once, catalog_snapshot, register_image
 
@@ -39,7 +39,7 @@ def refused(catalog):
 
 def begin_clone(catalog, source_id: int, *, actor=ALICE, name: str | None = None, **request):
     name = name or f"clone-{uuid.uuid4().hex[:8]}"
-    req = CloneRequest(owner=actor.user, group=actor.group, source_id=source_id, name=name, **request)
+    req = CloneRequest(owner=actor.user, source_id=source_id, name=name, **request)
     return operations.begin_clone(catalog, actor, req, object_id=uuid.uuid4().hex, limit_bytes=None,
                                   run_id=None)
 
@@ -77,9 +77,9 @@ def test_clone_name_must_be_free(catalog, put_image, refused):
 
 
 def test_clone_source_needs_use_right(catalog, put_image, refused):
+    """A source bob may not USE answers as a missing image (no owner, group or bits said)."""
     private = put_image(S.READY)
-    refused(lambda: begin_clone(catalog, private.id, actor=BOB), "User bob has no USE right on image",
-            PermissionDenied)
+    refused(lambda: begin_clone(catalog, private.id, actor=BOB), f"Image {private.id} does not exist", NotFound)
     shared = put_image(S.READY, permissions=0o604)  # other: USE
     target = begin_clone(catalog, shared.id, actor=BOB)
     assert (target.owner, target.group, target.permissions) == ("bob", "staff", 0o600)
@@ -284,6 +284,7 @@ MANAGE_OPERATIONS = {
     "update": lambda c, i, a: operations.update(c, a, i, description="mine now"),
     "chtype": lambda c, i, a: operations.change_type(c, a, i, ImageType.CDROM),
     "retry": lambda c, i, a: operations.retry(c, a, i),
+    "chmod": lambda c, i, a: operations.chmod(c, a, i, 0o640),
 }
 
 

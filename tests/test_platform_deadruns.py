@@ -106,8 +106,7 @@ def _upload_killed_while_locked(platform, source: Path) -> tuple[object, str, fl
     image, the flow run id and when it was killed."""
     for _ in range(3):
         upload_id = platform.stage(source)
-        reply = platform.create_run("upload", {"request": {"owner": "alice", "name": f"killed-{upload_id[:6]}",
-                                                           "upload_id": upload_id}})
+        reply = platform.create_run("upload", {"request": {"name": f"killed-{upload_id[:6]}", "upload_id": upload_id}})
         assert reply.status_code == 201, reply.text
         image = _wait_for("the worker registering the upload",
                           lambda: platform.catalog.find_by_upload_id(upload_id), timeout=90, every=0.005)
@@ -223,10 +222,11 @@ def test_delete_wait_ends_with_its_work_and_never_starts_a_temporary_server(quic
 
 
 def test_a_prefect_call_without_an_api_is_an_error_never_a_temporary_server(tmp_path):
-    """What makes a forgotten `running_platform` loud: the CLI turns Prefect's ephemeral mode off."""
+    """What makes a forgotten `running_platform` loud: the CLI's platform side (what `up` loads)
+    turns Prefect's ephemeral mode off. (The other verbs do not load Prefect at all: test_api_access.)"""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "HCX_"))}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), HCX_HOME=str(tmp_path / "home"))
-    code = "import cli.main\nfrom prefect.client.orchestration import get_client\nget_client(sync_client=True)"
+    code = "import cli.runtime\nfrom prefect.client.orchestration import get_client\nget_client(sync_client=True)"
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0
@@ -251,5 +251,6 @@ def test_up_restarts_what_died(quick_platform):
                        timeout=120)
     assert status["s3"]["running"] and status["prefect"]["running"]
     again = platform.hcx("up")
-    assert again.returncode == 0 and platform.pids() == [after.s3.pid, after.prefect.pid, platform.state.worker.pid]
+    assert again.returncode == 0
+    assert platform.pids() == [after.s3.pid, after.prefect.pid, platform.state.worker.pid, platform.state.api.pid]
     assert all(Stack.running(Service(pid=pid)) for pid in platform.pids())

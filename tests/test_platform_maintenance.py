@@ -62,7 +62,7 @@ def test_reconcile_settles_orphans_and_audits_objects(platform, tmp_path, finish
     intact = platform.catalog.get(finished_upload["image"].id)
 
     reply = platform.create_run("reconcile", {"staging_ttl_hours": 0, "stale_after_seconds": 2,
-                                              "requested_by": {"owner": "root", "group": "oneadmin"}})
+                                              "requested_by": {"owner": "oneadmin"}})
     assert reply.status_code == 201, reply.text
     run = platform.wait_run(reply.json()["id"])
     assert run["state_type"] == "COMPLETED", run["state"]

@@ -21,7 +21,7 @@ from catalog.settings import Settings
 from flows import heartbeat
 from flows.launcher import deployable, maintenance, registry
 import flows.launcher as launcher_module
-from flows.platform import STAGED_EVENT, automation_specs, deployment_specs, render_prefect_yaml
+from flows.platform import automation_specs, deployment_specs, render_prefect_yaml
 from flows.reporting import failure_markdown, redact
 from tests.conftest import REPO_ROOT
 
@@ -132,7 +132,7 @@ def test_every_registered_flow_gets_a_deployment():
     for name, spec in specs.items():
         assert spec["entrypoint"] == f"flows.launcher.{name.replace('-', '_')}"
         assert spec["enforce_parameter_schema"] is True and spec["work_pool"]["name"] == "hcx-process"
-    assert [t["expect"] for t in specs["upload"]["triggers"]] == [[STAGED_EVENT]]
+    assert all(spec["triggers"] == [] for spec in specs.values())  # no event starts an operation
     assert {name: [s["interval"] for s in specs[name]["schedules"]] for name in maintenance()} == \
         {"reconcile": [300], "monitor": [300], "scrub": [86400]}
     import flows.launcher as launcher

@@ -211,12 +211,10 @@ def test_iso_whose_descriptor_lies_is_recorded_with_its_byte_size(catalog, make_
 
 
 def test_upload_from_worker_path_and_datastore_with_separate_staging_bucket(
-        stack_state, cli, catalog, make_request, unique_name, raw_file, staging_leftovers):
+        stack_state, cli, add_datastore, catalog, make_request, unique_name, raw_file, staging_leftovers):
     """Staging in another bucket of the same endpoint: a server-side copy, then staging is emptied."""
     ds = unique_name("ds")
-    result = cli("datastore", "add", ds, "--endpoint", stack_state.s3_endpoint, "--bucket", f"{ds}-images",
-                 "--staging-bucket", f"{ds}-staging", "--prefix", "tenant-a",
-                 "--access-key", stack_state.s3_access_key, "--secret-key", stack_state.s3_secret_key)
+    result = add_datastore(ds, "--bucket", f"{ds}-images", "--staging-bucket", f"{ds}-staging", "--prefix", "tenant-a")
     assert result.exit_code == 0, result.stderr
     image_id = upload(make_request(unique_name(), datastore=ds, path=str(raw_file), type=ImageType.DATABLOCK))
     image = catalog.get(image_id)
@@ -231,13 +229,12 @@ def test_upload_from_worker_path_and_datastore_with_separate_staging_bucket(
     assert ds in listed.stdout
 
 
-def test_transient_fault_during_copy_is_retried(stack_state, cli, catalog, make_request, unique_name,
+def test_transient_fault_during_copy_is_retried(stack_state, add_datastore, catalog, make_request, unique_name,
                                                 qcow2_file, cuttable_proxy, default_store):
     """The link to S3 is cut for a few seconds while the flow runs: tasks retry, the image ends READY."""
     ds = unique_name("flaky")
-    assert cli("datastore", "add", ds, "--endpoint", cuttable_proxy.endpoint, "--bucket", f"{ds}-b",
-               "--access-key", stack_state.s3_access_key,
-               "--secret-key", stack_state.s3_secret_key).exit_code == 0
+    added = add_datastore(ds, "--bucket", f"{ds}-b", endpoint=cuttable_proxy.endpoint)
+    assert added.exit_code == 0, added.stderr
     upload_id = unique_name("up")
     store = load_datastore(ds)
     with open(qcow2_file, "rb") as f:
@@ -252,7 +249,7 @@ def test_transient_fault_during_copy_is_retried(stack_state, cli, catalog, make_
 
 
 @pytest.mark.parametrize("case", ["bad limit", "bad kind", "taken name", "wrong secret"])
-def test_datastore_add_refusals_change_nothing(stack_state, cli, default_store, unique_name, case):
+def test_datastore_add_refusals_change_nothing(stack_state, cli, add_datastore, default_store, unique_name, case):
     """Refused before anything is saved: no block written or changed, no bucket created."""
     ds = unique_name("ds")
     args = {"name": ds, "secret": stack_state.s3_secret_key, "extra": []}
@@ -271,13 +268,35 @@ def test_datastore_add_refusals_change_nothing(stack_state, cli, default_store, 
     listed_before = json.loads(cli("datastore", "list", "--json").stdout)
     buckets_before = {b["Name"] for b in default_store.client().list_buckets()["Buckets"]}
 
-    result = cli("datastore", "add", args["name"], "--endpoint", stack_state.s3_endpoint, "--bucket", f"{ds}-b",
-                 "--access-key", stack_state.s3_access_key, "--secret-key", args["secret"], *args["extra"])
+    result = add_datastore(args["name"], "--bucket", f"{ds}-b", *args["extra"], secret=args["secret"])
 
     assert result.exit_code == 1 and message in result.stderr, result.stderr
     assert "not-the-secret" not in result.stderr
     assert json.loads(cli("datastore", "list", "--json").stdout) == listed_before
     assert {b["Name"] for b in default_store.client().list_buckets()["Buckets"]} == buckets_before
+
+
+def test_datastore_add_takes_its_secret_from_a_file_and_only_from_an_administrator(
+        stack_state, cli, default_store, unique_name, tmp_path):
+    """No secret on a command line: `--secret-key` does not exist, `--secret-key-file` does. A user
+    who is not an administrator is refused with nothing saved and no bucket made."""
+    ds = unique_name("ds")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(stack_state.s3_secret_key + "\n")
+    args = ("datastore", "add", ds, "--endpoint", stack_state.s3_endpoint, "--bucket", f"{ds}-b",
+            "--access-key", stack_state.s3_access_key)
+    on_the_line = cli(*args, "--secret-key", stack_state.s3_secret_key, user="root")
+    assert on_the_line.exit_code == 2 and "No such option: --secret-key" in on_the_line.stderr
+    listed_before = json.loads(cli("datastore", "list", "--json").stdout)
+    buckets_before = {b["Name"] for b in default_store.client().list_buckets()["Buckets"]}
+    by_a_user = cli(*args, "--secret-key-file", secret_file)
+    assert by_a_user.exit_code == 1 and "User alice is not an administrator" in by_a_user.stderr
+    assert json.loads(cli("datastore", "list", "--json").stdout) == listed_before
+    assert {b["Name"] for b in default_store.client().list_buckets()["Buckets"]} == buckets_before
+    by_root = cli(*args, "--secret-key-file", secret_file, user="root")
+    assert by_root.exit_code == 0, by_root.stderr
+    assert load_datastore(ds).secret_key.get_secret_value() == stack_state.s3_secret_key
+    assert f"{ds}-b" in {b["Name"] for b in default_store.client().list_buckets()["Buckets"]}
 
 
 def test_staging_under_a_registered_images_upload_id_is_refused_and_changes_nothing(

@@ -1,0 +1,159 @@
+"""The image API as the CLI sees it: where it is (HCX_API_URL, default the local stack's), who
+the CLI is (HCX_TOKEN, default the token file `hcx-image up` writes under HCX_HOME), and its
+answers as Python values or clear errors. The CLI holds no database URL and no S3 key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from catalog.model import HcxError
+from catalog.settings import get_settings
+
+TOKEN_FILE = "token"  # under HCX_HOME, mode 600, written by `hcx-image up`
+
+
+class ApiError(HcxError):
+    """The API refused or failed: its message (what was wrong, what to do), its status and body."""
+
+    def __init__(self, message: str, status: int = 0, body: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = body or {}
+
+
+class ClientSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HCX_", env_file=".env", extra="ignore")
+
+    api_url: str | None = Field(default=None, description="The image API; default: the local stack's")
+    token: SecretStr | None = Field(default=None, description="An API token; default: $HCX_HOME/token")
+
+
+def api_url() -> str:
+    configured = ClientSettings().api_url
+    if configured:
+        return configured.rstrip("/")
+    from cli.stack import Stack
+
+    stack = Stack(get_settings())
+    url = stack.api_url(stack.load())
+    if not url:
+        raise HcxError("No image API is configured and none runs here: `hcx-image up` starts one, or set "
+                       "HCX_API_URL to the service's address.")
+    return url
+
+
+def token() -> str:
+    configured = ClientSettings().token
+    if configured is not None:
+        return configured.get_secret_value()
+    path = get_settings().home.expanduser() / TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except OSError:
+        raise HcxError(f"No API token: set HCX_TOKEN, or run `hcx-image up` (it writes {path} for the user who "
+                       "runs it); an administrator prints one with `hcx-image user token NAME`.") from None
+
+
+_remote: bool | None = None  # --remote/--local for this invocation
+
+
+def use_remote(remote: bool | None) -> None:
+    global _remote
+    _remote = remote
+
+
+def remote_requested() -> bool:
+    """Whether this invocation sends operations to a worker (--remote): the CLI then answers with
+    the flow run at once instead of waiting for the worker to pick it up."""
+    return bool(_remote)
+
+
+def remote_param() -> dict[str, Any]:
+    return {} if _remote is None else {"remote": str(_remote).lower()}
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    response.read()
+    try:
+        body = response.json()
+        message = body.get("detail") if isinstance(body, dict) else None
+    except ValueError:
+        body, message = {}, None
+    if not isinstance(message, str):
+        message = f"the image API answered {response.status_code}: {response.text[:500]}"
+    raise ApiError(message, response.status_code, body if isinstance(body, dict) else {})
+
+
+class Api:
+    """One HTTP client per command, with the caller's token."""
+
+    def __init__(self, base_url: str | None = None, bearer: str | None = None):
+        self.base_url = base_url or api_url()
+        self.http = httpx.Client(base_url=f"{self.base_url}/api/v1", timeout=httpx.Timeout(60, connect=10),
+                                 headers={"Authorization": f"Bearer {bearer or token()}"})
+
+    def call(self, method: str, path: str, **kwargs) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise HcxError(f"The image API at {self.base_url} does not answer ({exc.__class__.__name__}): "
+                           "`hcx-image status` says what runs; `hcx-image up` starts it.") from None
+        _raise_for(response)
+        return response.json() if response.content else None
+
+    def get(self, path: str, **params) -> Any:
+        return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})
+
+    def post(self, path: str, body: dict | None = None, **params) -> Any:
+        return self.call("POST", path, json=body, params={k: v for k, v in params.items() if v is not None})
+
+    def put(self, path: str, body: dict) -> Any:
+        return self.call("PUT", path, json=body)
+
+    def delete(self, path: str, **params) -> Any:
+        return self.call("DELETE", path, params={k: v for k, v in params.items() if v is not None})
+
+    def send_file(self, path: str, file: Path, *, params: dict, progress: Callable[[int], None],
+                  chunk: int = 1024 * 1024) -> Any:
+        """POST the file as the body, streamed in chunks (never read whole), advancing `progress`."""
+        size = file.stat().st_size
+
+        def chunks() -> Iterator[bytes]:
+            with open(file, "rb") as source:
+                while data := source.read(chunk):
+                    progress(len(data))
+                    yield data
+
+        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        return self.call("POST", path, content=chunks(), headers=headers,
+                         params={k: v for k, v in params.items() if v is not None},
+                         timeout=httpx.Timeout(None, connect=10))
+
+    def stream(self, path: str):
+        """A streaming GET (use as a context manager; `_raise_for` already checked it)."""
+        return _Stream(self, path)
+
+
+class _Stream:
+    def __init__(self, api: Api, path: str):
+        self.api, self.path = api, path
+
+    def __enter__(self) -> httpx.Response:
+        self._context = self.api.http.stream("GET", self.path, timeout=httpx.Timeout(None, connect=10))
+        response = self._context.__enter__()
+        try:
+            _raise_for(response)
+        except BaseException:
+            self._context.__exit__(None, None, None)
+            raise
+        return response
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
