@@ -18,17 +18,18 @@ from api.shapes import Remote, Started, Strict
 from blocks.datastore import ObjectRef, S3Datastore, load_datastore
 from catalog import operations, rules
 from catalog.identity import open_directory
-from catalog.model import Bus, DiskFormat, Image, ImageType, Operation, Refused, parse_size
+from catalog.model import Bus, DiskFormat, Image, ImageType, IntegrityError, Operation, Refused, parse_size
 from catalog.permissions import Actor, Right
 from catalog.requests import (
     CloneRequest, CreateEmptyRequest, DeleteRequest, Description, ImageName, UploadRequest, check_empty_size,
     rerun_request,
 )
 from catalog.settings import get_settings
-from catalog.staging import open_staging
+from catalog.staging import StagedInspection, open_staging
 from catalog.store import Catalog, open_catalog
 from flows.launcher import submit
-from tasks import qemu, transfer
+from tasks import qemu
+from tasks.inspection import Inspection, InspectingReader
 
 router = APIRouter(prefix="/api/v1", tags=["images"])
 
@@ -129,13 +130,24 @@ def _check_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[st
     return datastore, store
 
 
-async def _stage_body(request: Request, store: S3Datastore, staged: ObjectRef, length: int) -> str:
-    """Stream the request body into the staged object; its sha256 (computed here, on the way)."""
+async def _stage_body(request: Request, store: S3Datastore, staged: ObjectRef, length: int, *, upload_id: str,
+                      declared: DiskFormat | None) -> Inspection:
+    """Stream the request body into the staged object, inspecting and hashing it on the way. The
+    bytes cross once: what was found is recorded for the staged object's ETag, and the upload flow
+    takes it from there instead of reading the object back. A refusal leaves the bytes to the caller
+    to drop."""
     body = BodyReader(request.stream(), length)
-    reader = transfer.HashingReader(body)
-    await run_in_threadpool(store.upload, reader, staged, size_hint=length)
+    reader = InspectingReader(body)
+    stored = await run_in_threadpool(store.upload, reader, staged, size_hint=length)
     body.check_complete()
-    return reader.sha256
+    inspection = reader.inspection(declared=declared, origin=f"The file sent ({length} bytes)")
+    if stored.size != inspection.size:
+        raise IntegrityError(f"Upload to {staged}: {stored.size} bytes stored, {inspection.size} sent: send it again.")
+    found = StagedInspection(etag=stored.etag, size=inspection.size, sha256=inspection.sha256,
+                             format=inspection.format, detected=inspection.detected,
+                             virtual_size=inspection.virtual_size)
+    await run_in_threadpool(open_staging().record_inspection, upload_id, found)
+    return inspection
 
 
 @router.post("/images/upload", status_code=202, response_model=Started,
@@ -148,7 +160,9 @@ async def upload_image(request: Request, actor: Caller, params: Annotated[Upload
     store, staged, upload = await run_in_threadpool(_prepare_upload, actor, params, length)
     started = False
     try:
-        upload.expected_sha256 = await _stage_body(request, store, staged, length)
+        inspection = await _stage_body(request, store, staged, length, upload_id=upload.upload_id,
+                                       declared=upload.driver)
+        upload.expected_sha256 = inspection.sha256
         flow_run_id = await run_in_threadpool(submit, "upload", {"request": upload.model_dump(mode="json")},
                                               remote=remote)
         started = True
@@ -274,7 +288,8 @@ async def _restage(request: Request, image: Image, store: S3Datastore, staged: O
     open_staging().record(upload_id=last.upload_id, datastore=upload.datastore, bucket=staged.bucket,
                           key=staged.key, owner=image.owner, group=image.group)
     try:
-        digest = await _stage_body(request, store, staged, length)
+        digest = (await _stage_body(request, store, staged, length, upload_id=last.upload_id,
+                                    declared=image.format)).sha256
     except BaseException:
         await run_in_threadpool(_drop_staged, store, staged, last.upload_id)
         raise

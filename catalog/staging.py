@@ -1,6 +1,8 @@
 """Staging records: every upload the service stages is recorded before its first byte is written
 (upload id, datastore, the staged object's bucket and key, who, when) and forgotten once its
-bytes are adopted or deleted. Reconcile removes staged bytes only for uploads a record or an image
+bytes are adopted or deleted. The image API inspects and hashes the bytes while it stages them and
+records what it found beside the record (`StagedInspection`, pinned to the staged object's ETag),
+so the upload flow never reads the bytes back. Reconcile removes staged bytes only for uploads a record or an image
 row knows; anything else under a staging prefix belongs to someone else and is only reported.
 
 Also the floors of reconcile's limits (`reconcile_limits`): below them only the admin group may go.
@@ -14,7 +16,7 @@ from functools import lru_cache
 
 import sqlalchemy as sa
 
-from catalog.model import PermissionDenied, as_utc, utcnow
+from catalog.model import DiskFormat, PermissionDenied, as_utc, utcnow
 from catalog.permissions import Actor
 from catalog.settings import STAGING_TTL_FLOOR_HOURS, STALE_RUN_FLOOR_SECONDS, Settings
 from catalog.store import metadata, open_catalog
@@ -30,6 +32,33 @@ staging_records = sa.Table(
     sa.Column("group", sa.String(128), nullable=False),
     sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
 )
+
+
+# What the image API found in bytes it staged, as it sent them: written only by the service (never
+# from a request), valid only for the object of that ETag.
+staged_inspections = sa.Table(
+    "staged_inspections",
+    metadata,
+    sa.Column("upload_id", sa.String(64), primary_key=True),
+    sa.Column("etag", sa.String(255), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("format", sa.String(16), nullable=False),
+    sa.Column("detected", sa.String(32), nullable=False),
+    sa.Column("virtual_size", sa.BigInteger, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class StagedInspection:
+    """The format, sizes and sha256 of the staged object of ETag `etag`, found as it was staged."""
+
+    etag: str
+    size: int
+    sha256: str
+    format: DiskFormat
+    detected: str
+    virtual_size: int
 
 
 @dataclass(frozen=True)
@@ -58,6 +87,7 @@ def _ensure_table(engine: sa.Engine) -> sa.Engine:
     """The catalog creates every table of `metadata` it knows when it opens; this one too when the
     catalog was opened before this module was imported."""
     staging_records.create(engine, checkfirst=True)
+    staged_inspections.create(engine, checkfirst=True)
     return engine
 
 
@@ -95,13 +125,33 @@ class StagingRecords:
             return [_to_record(row) for row in conn.execute(query)]
 
     def forget(self, upload_id: str, *, recorded_at: datetime | None = None) -> bool:
-        """Drop the record; with `recorded_at`, only if it was not recorded again since (a retry
-        staging anew). Whether a record went."""
+        """Drop the record and its inspection; with `recorded_at`, only if it was not recorded
+        again since (a retry staging anew). Whether a record went."""
         query = staging_records.delete().where(staging_records.c.upload_id == upload_id)
         if recorded_at is not None:
             query = query.where(staging_records.c.recorded_at == recorded_at)
         with self.engine.begin() as conn:
-            return bool(conn.execute(query).rowcount)
+            gone = bool(conn.execute(query).rowcount)
+            if gone or recorded_at is None:
+                conn.execute(staged_inspections.delete().where(staged_inspections.c.upload_id == upload_id))
+            return gone
+
+    def record_inspection(self, upload_id: str, inspection: StagedInspection) -> None:
+        """What the bytes staged for `upload_id` were (replacing what an earlier staging found)."""
+        values = {**inspection.__dict__, "format": inspection.format.value}
+        table = staged_inspections
+        with self.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.upload_id == upload_id))
+            conn.execute(table.insert().values(upload_id=upload_id, **values))
+
+    def inspection_of(self, upload_id: str) -> StagedInspection | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(staged_inspections).where(staged_inspections.c.upload_id == upload_id)).first()
+        if row is None:
+            return None
+        data = dict(row._mapping)
+        del data["upload_id"]
+        return StagedInspection(**{**data, "format": DiskFormat(data["format"])})
 
 
 def open_staging(url: str | None = None) -> StagingRecords:

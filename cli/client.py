@@ -15,6 +15,7 @@ from catalog.model import HcxError
 from catalog.settings import get_settings
 
 TOKEN_FILE = "token"  # under HCX_HOME, mode 600, written by `hcx-image up`
+READ_ATTEMPTS = 3  # a GET that timed out (60 s) is asked again this many times in all
 
 
 class ApiError(HcxError):
@@ -100,13 +101,24 @@ class Api:
                                  headers={"Authorization": f"Bearer {bearer or token()}"})
 
     def call(self, method: str, path: str, **kwargs) -> Any:
-        try:
-            response = self.http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
-            raise HcxError(f"The image API at {self.base_url} does not answer ({exc.__class__.__name__}): "
-                           "`hcx-image status` says what runs; `hcx-image up` starts it.") from None
+        # A read that timed out is asked again (it changes nothing): the service waits on Prefect,
+        # whose SQLite may be locked for a while under load.
+        attempts = READ_ATTEMPTS if method == "GET" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.http.request(method, path, **kwargs)
+                break
+            except httpx.TimeoutException as exc:
+                if attempt == attempts:
+                    raise self._unanswered(exc) from None
+            except httpx.TransportError as exc:
+                raise self._unanswered(exc) from None
         _raise_for(response)
         return response.json() if response.content else None
+
+    def _unanswered(self, exc: Exception) -> HcxError:
+        return HcxError(f"The image API at {self.base_url} does not answer ({exc.__class__.__name__}): "
+                        "`hcx-image status` says what runs; `hcx-image up` starts it.")
 
     def get(self, path: str, **params) -> Any:
         return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})

@@ -162,6 +162,36 @@ def precheck_file(path: Path, declared: DiskFormat | None) -> DiskFormat:
     return driver
 
 
+class InspectingReader:
+    """A read-only file over `stream` that detects the format and hashes and counts the bytes as
+    whoever reads it pulls them through (s3transfer sending them, say): the bytes are inspected on
+    their one way, never read again. `inspection()` once everything was read."""
+
+    def __init__(self, stream: BinaryIO, on_chunk: Callable[[bytes], None] | None = None):
+        self._wrapper = format_inspector.InspectWrapper(stream)
+        self._digest = hashlib.sha256()
+        self._on_chunk = on_chunk
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._wrapper.read(size)
+        self._digest.update(chunk)
+        self.size += len(chunk)
+        if self._on_chunk is not None and chunk:
+            self._on_chunk(chunk)
+        return chunk
+
+    def inspection(self, *, declared: DiskFormat | None, origin: str) -> Inspection:
+        """Detect and safety-check the format, check the sizes: what the bytes read were."""
+        self._wrapper.close()
+        _refuse_empty(self.size, origin)
+        found = _detected(self._wrapper, origin)
+        driver = _driver_for(found, declared, origin)
+        virtual_size = _virtual_size(found, self.size, origin)
+        return Inspection(format=driver, detected=found.name, size=self.size, virtual_size=virtual_size,
+                          sha256=self._digest.hexdigest())
+
+
 def inspect_stream(
     stream: BinaryIO,
     *,
@@ -172,20 +202,7 @@ def inspect_stream(
 ) -> Inspection:
     """Read a whole stream once: detect and safety-check the format, count and hash the bytes,
     check the sizes."""
-    wrapper = format_inspector.InspectWrapper(stream)
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        while chunk := wrapper.read(chunk_size):
-            digest.update(chunk)
-            size += len(chunk)
-            if on_chunk is not None:
-                on_chunk(chunk)
-    finally:
-        wrapper.close()
-    _refuse_empty(size, origin)
-    found = _detected(wrapper, origin)
-    driver = _driver_for(found, declared, origin)
-    virtual_size = _virtual_size(found, size, origin)
-    return Inspection(format=driver, detected=found.name, size=size, virtual_size=virtual_size,
-                      sha256=digest.hexdigest())
+    reader = InspectingReader(stream, on_chunk)
+    while reader.read(chunk_size):
+        pass
+    return reader.inspection(declared=declared, origin=origin)

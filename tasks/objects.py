@@ -43,12 +43,23 @@ def stage_local_file(path: str, datastore: str, upload_id: str, *, owner: str, g
 @task(**IO_TASK)
 def inspect_staged(datastore: str, upload_id: str, declared: DiskFormat | None,
                    expected_sha256: str | None = None) -> transfer.InspectedObject:
-    """Read the staged bytes once: format (refusing unsafe or mismatched images), size, sha256, ETag."""
+    """What the staged bytes are: format (refusing unsafe or mismatched images), size, sha256, ETag.
+    Bytes the image API inspected while it staged them are not read again: its record holds, for
+    the object of that very ETag. Others (staged by a flow from a path, or whose record is gone)
+    are read once here."""
     store = load_datastore(datastore)
     ref = store.staging_ref(upload_id)
-    progress = ProgressArtifact(store.head(ref).size, f"Inspecting {ref}")
-    inspected = transfer.inspect_object(store, ref, declared, progress=progress)
-    progress.finish()
+    info = store.head(ref)
+    recorded = open_staging().inspection_of(upload_id)
+    if (recorded is not None and (recorded.etag, recorded.size) == (info.etag, info.size)
+            and declared in (None, recorded.format)):  # else read: the refusal names the mismatch
+        inspected = transfer.InspectedObject(ref=ref, etag=info.etag, inspection=Inspection(
+            format=recorded.format, detected=recorded.detected, size=recorded.size,
+            virtual_size=recorded.virtual_size, sha256=recorded.sha256))
+    else:
+        progress = ProgressArtifact(info.size, f"Inspecting {ref}")
+        inspected = transfer.inspect_object(store, ref, declared, progress=progress)
+        progress.finish()
     if expected_sha256 and inspected.inspection.sha256 != expected_sha256:
         raise IntegrityError(
             f"Staged bytes hash to {inspected.inspection.sha256}, expected {expected_sha256}: "

@@ -9,6 +9,7 @@ import json
 import re
 import struct
 import threading
+import uuid
 
 import pytest
 
@@ -314,3 +315,51 @@ def test_staging_under_a_registered_images_upload_id_is_refused_and_changes_noth
     assert state.is_failed() and f"already belongs to image {image.id} (READY)" in state.message
     assert store.head(ObjectRef.parse(image.datastore, image.source)) == before_head
     assert (catalog_snapshot(catalog), store_objects(store)) == before
+
+
+# --- the bytes cross once ------------------------------------------------------------------------
+
+# What reading an object looks like on the wire: a GET of a key, with no query (a listing or a
+# multipart call has one).
+OBJECT_READS = rb"\AGET /[^?\s]+/[^?\s]+ HTTP/"
+
+
+def test_an_upload_through_the_api_never_reads_its_bytes_back(cli, new_datastore, cuttable_proxy, catalog,
+                                                             unique_name, qcow2_file):
+    """The image API inspects and hashes the file as it stages it and records what it found for
+    the staged object's ETag; the flow takes that instead of reading the object back. With every
+    object read refused by the datastore, the upload still ends READY, with the right sha256,
+    format and virtual size, and no read was even tried."""
+    ds = new_datastore(cuttable_proxy.endpoint)
+    name = unique_name("once")
+    cuttable_proxy.deny(OBJECT_READS)
+    try:
+        result = cli("create", "--name", name, "--path", qcow2_file, "--driver", "qcow2", "--datastore", ds, "--wait")
+    finally:
+        cuttable_proxy.deny(None)
+    assert result.exit_code == 0, result.stderr
+    assert cuttable_proxy.denied == 0
+    image = next(i for i in catalog.list() if i.name == name)
+    assert (image.state, image.format, image.virtual_size) == (ImageState.READY, DiskFormat.QCOW2, 64 * 1024 * 1024)
+    assert (image.size, image.sha256) == (qcow2_file.stat().st_size, sha256_of(qcow2_file))
+
+
+def test_an_inspection_record_holds_only_for_the_object_it_was_made_of(default_store, make_request, unique_name,
+                                                                      catalog, raw_file):
+    """A recorded inspection whose ETag is not the staged object's (other bytes were put there
+    since) is never trusted: the flow reads the object and records what it really is."""
+    from catalog.staging import StagedInspection, open_staging
+
+    upload_id = uuid.uuid4().hex
+    staged = default_store.staging_ref(upload_id)
+    open_staging().record(upload_id=upload_id, datastore="default", bucket=staged.bucket, key=staged.key,
+                          owner="alice", group="users")
+    with open(raw_file, "rb") as source:
+        default_store.upload(source, staged)
+    open_staging().record_inspection(upload_id, StagedInspection(
+        etag='"not-this-object"', size=raw_file.stat().st_size, sha256="0" * 64, format=DiskFormat.QCOW2,
+        detected="qcow2", virtual_size=10 * 1024**3))
+    image = catalog.get(upload(make_request(unique_name("stale"), upload_id=upload_id)))
+    assert (image.state, image.format, image.virtual_size) == (ImageState.READY, DiskFormat.RAW, raw_file.stat().st_size)
+    assert image.sha256 == sha256_of(raw_file)
+    assert open_staging().inspection_of(upload_id) is None  # forgotten with its record once adopted
