@@ -23,6 +23,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/flow_run_overhead.py
 	$(BIN)/python bench/upload_memory.py
 	$(BIN)/python bench/empty_image_memory.py
+	$(BIN)/python bench/upload_vs_raw.py --size 1G
+	$(BIN)/python bench/op_latency.py
 
 up: $(STAMP)
 	$(BIN)/hcx-image up

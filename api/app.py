@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import admin, errors, images, platform, runs
-from flows.launcher import crash_runs_whose_process_died
+from flows.launcher import crash_runs_whose_process_died, warm_up
 
 log = logging.getLogger("hcx.api")
 
@@ -27,6 +27,7 @@ def _supervise(stop: threading.Event) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
+    warm_up()  # a process that has loaded Prefect and the flows waits for the first run already
     stop = threading.Event()
     watcher = threading.Thread(target=_supervise, args=(stop,), name="hcx-run-supervisor", daemon=True)
     watcher.start()

@@ -5,19 +5,21 @@ and answers at once; a client follows a flow run through /runs/{id}."""
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Iterator
+from typing import Annotated, Callable, Iterator
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 from api.auth import Caller
 from api.bodies import BodyReader, declared_length
+from api.runs import run_left_no_image
 from api.shapes import Remote, Started, Strict
 from blocks.datastore import ObjectRef, S3Datastore, load_datastore
 from catalog import operations, rules
 from catalog.identity import open_directory
+from catalog.idempotency import MAX_KEY_LENGTH, Claim, fingerprint, open_idempotency_keys
 from catalog.model import Bus, DiskFormat, Image, ImageType, IntegrityError, Operation, Refused, parse_size
 from catalog.permissions import Actor, Right
 from catalog.requests import (
@@ -42,6 +44,55 @@ def catalog() -> Catalog:
 
 def _started(flow_run_id: str, image: Image | None = None) -> Started:
     return Started(flow_run_id=flow_run_id, image=image.to_dict() if image else None)
+
+
+# --- sent again: idempotency keys ---------------------------------------------------------------
+
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=MAX_KEY_LENGTH, pattern=r"^[\x21-\x7e]+$",
+    description="Send the same create again with the same key (after a timeout, say) and get the first "
+                "one's answer instead of a second image; the CLI derives one from the name and the file.")]
+
+
+def _claim_key(actor: Actor, key: str | None, operation: str, request: dict) -> Claim | None:
+    """The key claimed for this request (None without a key); a claim with a flow run is a repeat."""
+    if key is None:
+        return None
+    keys = open_idempotency_keys()
+    request_fingerprint = fingerprint({"operation": operation, **request})
+    claim = keys.claim(actor.user, key, request_fingerprint)
+    if claim.flow_run_id is not None and run_left_no_image(claim.flow_run_id):
+        keys.forget(claim)  # its image is gone (deleted since): the same request makes it anew
+        claim = keys.claim(actor.user, key, request_fingerprint)
+    return claim
+
+
+def _repeated(claim: Claim) -> Started:
+    return Started(flow_run_id=claim.flow_run_id, repeated=True)
+
+
+def _settle_key(claim: Claim | None, started: Started) -> None:
+    if claim is not None:
+        open_idempotency_keys().settle(claim, started.flow_run_id)
+
+
+def _release_key(claim: Claim | None) -> None:
+    if claim is not None:
+        open_idempotency_keys().release(claim)
+
+
+def _once(claim: Claim | None, start: Callable[[], Started]) -> Started:
+    """`start` the operation once per key: a repeat of the same request gets the first answer; a
+    refusal leaves the key free for a corrected request."""
+    if claim is not None and claim.flow_run_id is not None:
+        return _repeated(claim)
+    try:
+        started = start()
+    except BaseException:
+        _release_key(claim)
+        raise
+    _settle_key(claim, started)
+    return started
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -111,11 +162,21 @@ def _prepare_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[
     return store, staged, request
 
 
-@router.post("/images/upload/check", status_code=204,
+@router.post("/images/upload/check", status_code=204, response_model=None,
+             responses={200: {"model": Started, "description": "Sent before under this idempotency key: its answer"}},
              summary="Would an upload of `size` bytes with these parameters be taken now? (nothing is recorded)")
 def check_upload(actor: Caller, params: Annotated[UploadParameters, Depends()],
-                 size: int = Query(ge=0, le=2**63 - 1, description="The file's size in bytes")) -> None:
+                 size: int = Query(ge=0, le=2**63 - 1, description="The file's size in bytes"),
+                 idempotency_key: IdempotencyKey = None) -> Response:
+    if idempotency_key is not None:
+        earlier = open_idempotency_keys().done(actor.user, idempotency_key,
+                                               fingerprint({"operation": "upload", **params.model_dump(mode="json"),
+                                                            "size": size}))
+        if earlier is not None and not run_left_no_image(earlier):
+            # no need to send the file again (a 200 with the answer: the route's 204 would drop a body)
+            return JSONResponse(Started(flow_run_id=earlier, repeated=True).model_dump(), status_code=200)
     _check_upload(actor, params, size)
+    return Response(status_code=204)
 
 
 def _check_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[str, S3Datastore]:
@@ -155,8 +216,23 @@ async def _stage_body(request: Request, store: S3Datastore, staged: ObjectRef, l
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def upload_image(request: Request, actor: Caller, params: Annotated[UploadParameters, Depends()],
-                       remote: Remote = None) -> Started:
+                       remote: Remote = None, idempotency_key: IdempotencyKey = None) -> Started:
     length = declared_length(request)
+    claim = await run_in_threadpool(_claim_key, actor, idempotency_key, "upload",
+                                    {**params.model_dump(mode="json"), "size": length})
+    if claim is not None and claim.flow_run_id is not None:  # sent again: the body is not read
+        return _repeated(claim)
+    try:
+        started = await _upload(request, actor, params, length, remote)
+    except BaseException:
+        await run_in_threadpool(_release_key, claim)
+        raise
+    await run_in_threadpool(_settle_key, claim, started)
+    return started
+
+
+async def _upload(request: Request, actor: Actor, params: UploadParameters, length: int,
+                  remote: bool | None) -> Started:
     store, staged, upload = await run_in_threadpool(_prepare_upload, actor, params, length)
     started = False
     try:
@@ -190,7 +266,13 @@ class EmptyImage(Strict):
 
 
 @router.post("/images", status_code=202, response_model=Started, summary="Create an empty OS or DATABLOCK image")
-def create_empty_image(body: EmptyImage, actor: Caller, remote: Remote = None) -> Started:
+def create_empty_image(body: EmptyImage, actor: Caller, remote: Remote = None,
+                       idempotency_key: IdempotencyKey = None) -> Started:
+    claim = _claim_key(actor, idempotency_key, "create-empty", body.model_dump(mode="json"))
+    return _once(claim, lambda: _create_empty(body, actor, remote))
+
+
+def _create_empty(body: EmptyImage, actor: Actor, remote: bool | None) -> Started:
     rules.validate_empty_image(type_=body.type)
     virtual_size = parse_size(body.size)
     check_empty_size(virtual_size, body.driver)
@@ -217,7 +299,13 @@ class Clone(Strict):
 
 
 @router.post("/images/{image_id}/clone", status_code=202, response_model=Started, summary="Clone an image (USE)")
-def clone_image(image_id: ImageId, body: Clone, actor: Caller, remote: Remote = None) -> Started:
+def clone_image(image_id: ImageId, body: Clone, actor: Caller, remote: Remote = None,
+                idempotency_key: IdempotencyKey = None) -> Started:
+    claim = _claim_key(actor, idempotency_key, "clone", {"source_id": image_id, **body.model_dump(mode="json")})
+    return _once(claim, lambda: _clone(image_id, body, actor, remote))
+
+
+def _clone(image_id: int, body: Clone, actor: Actor, remote: bool | None) -> Started:
     request = CloneRequest(owner=actor.user, source_id=image_id, name=body.name, datastore=body.datastore,
                            persistent=body.persistent, skip_capacity_check=body.skip_capacity_check,
                            object_id=uuid.uuid4().hex)

@@ -65,5 +65,15 @@ def read_run(flow_run_id: UUID, actor: Caller) -> dict:
     }
 
 
+def run_left_no_image(flow_run_id: str) -> bool:
+    """Whether the run has ended and no image is its work (never made, or deleted since)."""
+    with get_client(sync_client=True) as client:
+        try:
+            run = client.read_flow_run(UUID(flow_run_id))
+        except ObjectNotFound:
+            return True
+    return bool(run.state and run.state.is_final()) and _image_of(run.parameters) is None
+
+
 def _visible(actor: Actor, parameters: dict) -> bool:
     return actor.is_admin or _requested_by(parameters) == actor.user

@@ -19,6 +19,7 @@ class Started(BaseModel):
     flow_run_id: str
     image: dict | None = None
     operation: str | None = None
+    repeated: bool = False  # the answer of an earlier request with the same idempotency key
 
 
 Remote = Annotated[bool | None, Query(description="Run the flow on its deployment (a worker) instead of a "

@@ -123,8 +123,9 @@ class Api:
     def get(self, path: str, **params) -> Any:
         return self.call("GET", path, params={k: v for k, v in params.items() if v is not None})
 
-    def post(self, path: str, body: dict | None = None, **params) -> Any:
-        return self.call("POST", path, json=body, params={k: v for k, v in params.items() if v is not None})
+    def post(self, path: str, body: dict | None = None, *, headers: dict[str, str] | None = None, **params) -> Any:
+        return self.call("POST", path, json=body, headers=headers,
+                         params={k: v for k, v in params.items() if v is not None})
 
     def put(self, path: str, body: dict) -> Any:
         return self.call("PUT", path, json=body)
@@ -133,7 +134,7 @@ class Api:
         return self.call("DELETE", path, params={k: v for k, v in params.items() if v is not None})
 
     def send_file(self, path: str, file: Path, *, params: dict, progress: Callable[[int], None],
-                  chunk: int = 1024 * 1024) -> Any:
+                  headers: dict[str, str] | None = None, chunk: int = 1024 * 1024) -> Any:
         """POST the file as the body, streamed in chunks (never read whole), advancing `progress`."""
         size = file.stat().st_size
 
@@ -143,7 +144,7 @@ class Api:
                     progress(len(data))
                     yield data
 
-        headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
+        headers = {**(headers or {}), "Content-Length": str(size), "Content-Type": "application/octet-stream"}
         return self.call("POST", path, content=chunks(), headers=headers,
                          params={k: v for k, v in params.items() if v is not None},
                          timeout=httpx.Timeout(None, connect=10))

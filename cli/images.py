@@ -60,9 +60,13 @@ def create(
     skip_capacity_check: bool = typer.Option(False, "--skip-capacity-check",
                                              help="Ignore the datastore's capacity limit (administrators only)"),
     wait: bool = typer.Option(False, "--wait", help="Follow the flow; exit 0 on READY, 1 on ERROR"),
+    idempotency_key: Optional[str] = typer.Option(
+        None, "--idempotency-key", help="Send the same create again with this key and get the first one's image "
+        "(default: made from the name and the file's path, size and mtime, or the size of an empty image)"),
 ) -> None:
     """Register an image from a local file (sent to the image API with a progress bar, then copied
-    by a flow), or with --size an empty OS or DATABLOCK image."""
+    by a flow), or with --size an empty OS or DATABLOCK image. Sending the same create again (after
+    a timeout, say) returns the same image."""
     if (path is None) == (size is None):
         raise typer.BadParameter("give --path FILE to upload a file, or --size SIZE for an empty image (not both)")
     api = Api()
@@ -70,7 +74,8 @@ def create(
         body = {"name": name, "type": type_.value, "size": size, "datastore": datastore, "persistent": persistent,
                 "bus": bus.value, "driver": (driver or DiskFormat.RAW).value, "description": description,
                 "skip_capacity_check": skip_capacity_check}
-        started = api.post("/images", body, **remote_param())
+        key = idempotency_key or derived_key("empty", name, size)
+        started = api.post("/images", body, headers={IDEMPOTENCY_HEADER: key}, **remote_param())
         report_new_image(api, started["flow_run_id"], wait=wait)
         return
     if not path.is_file():
@@ -81,11 +86,23 @@ def create(
     params = {"name": name, "type": type_.value, "datastore": datastore, "persistent": persistent, "bus": bus.value,
               "driver": driver.value, "description": description, "skip_capacity_check": skip_capacity_check,
               "client_path": str(path.resolve())}
-    file_size = path.stat().st_size
-    api.post("/images/upload/check", None, size=file_size, **params)
-    with transfer_bar(f"uploading {path.name}", file_size) as advance:
-        started = api.send_file("/images/upload", path, params={**params, **remote_param()}, progress=advance)
+    stat = path.stat()
+    key = idempotency_key or derived_key("file", name, params["client_path"], stat.st_size, stat.st_mtime_ns)
+    started = api.post("/images/upload/check", None, size=stat.st_size, headers={IDEMPOTENCY_HEADER: key}, **params)
+    if started is None:  # not sent before: send it now
+        with transfer_bar(f"uploading {path.name}", stat.st_size) as advance:
+            started = api.send_file("/images/upload", path, params={**params, **remote_param()}, progress=advance,
+                                    headers={IDEMPOTENCY_HEADER: key})
     report_new_image(api, started["flow_run_id"], wait=wait)
+
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def derived_key(*parts: object) -> str:
+    """The idempotency key of a create: the same request (the service adds who sends it) gets the
+    same key, so sending it again finds the first one."""
+    return "cli-" + hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:40]
 
 
 @app.command("list")

@@ -1,7 +1,10 @@
 """Start an operation's flow run in the background and hand back its id at once.
 
-Local mode: the run is created through the Prefect API, then executed by a detached
-`python -m flows.launcher RUN_ID` process (so the CLI can return while the copy goes on).
+Local mode: the run is created through the Prefect API, then executed by a detached process of
+its own (`python -m flows.launcher`), so the caller can return while the copy goes on. That process
+is started ahead of time, a standby that has already loaded Prefect and the flows and waits for its
+run on stdin: an operation pays neither the interpreter's start nor the imports (about 1.5 s), and
+each run still has a process of its own to supervise, cancel or kill.
 Remote mode (HCX_REMOTE=1 or --remote): the run is created on the operation's deployment and a
 worker of the process pool executes it.
 """
@@ -104,17 +107,65 @@ def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> s
         return str(run.id)
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(flow, parameters=parameters)
-    settings = get_settings()
-    logs = settings.home.expanduser() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **_prefect_client_env(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds)}
-    with open(logs / "flow-runs.log", "ab") as log:
-        _launched[str(run.id)] = subprocess.Popen(
-            [sys.executable, "-m", "flows.launcher", flow_name, str(run.id)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
-        )
+    _launched[str(run.id)] = _hand_over(flow_name, str(run.id))
     return str(run.id)
+
+
+_standby: tuple[dict[str, str], subprocess.Popen] | None = None  # its environment, the process
+_standby_lock = threading.Lock()
+
+
+def _launch_environment() -> dict[str, str]:
+    settings = get_settings()
+    return {**os.environ, **_prefect_client_env(),
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds)}
+
+
+def _start_standby(env: dict[str, str]) -> subprocess.Popen:
+    logs = get_settings().home.expanduser() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / "flow-runs.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.launcher", STANDBY], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.PIPE, env=env, start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
+        )
+
+
+def _ready_standby() -> subprocess.Popen:
+    """The standby (call with the lock held): one started for another Prefect API, or that died,
+    is replaced."""
+    global _standby
+    env = _launch_environment()
+    if _standby is not None and (_standby[0] != env or _standby[1].poll() is not None):
+        _standby[1].stdin.close()  # it ends on end of input
+        _standby = None
+    if _standby is None:
+        _standby = (env, _start_standby(env))
+    return _standby[1]
+
+
+def warm_up() -> None:
+    """Make sure a standby waits for the next run (a service calls this when it starts, so that
+    even its first operation finds one)."""
+    with _standby_lock:
+        _ready_standby()
+
+
+def _hand_over(flow_name: str, flow_run_id: str) -> subprocess.Popen:
+    """Give the run to the standby (no other caller can take the same one) and start the next."""
+    global _standby
+    for _ in range(2):
+        with _standby_lock:
+            process = _ready_standby()
+            _standby = None
+        try:
+            process.stdin.write(f"{flow_name} {flow_run_id}\n".encode())
+            process.stdin.close()
+        except BrokenPipeError:  # it died just now: a new one takes the run
+            continue
+        warm_up()
+        return process
+    raise HcxError(f"Could not start a process for flow run {flow_run_id}: see logs/flow-runs.log under HCX_HOME.")
 
 
 def _prefect_client_env() -> dict[str, str]:
@@ -198,5 +249,22 @@ def _stop_when_cancelled(flow_run_id: str, every: float = 2.0, grace: float = 10
     threading.Thread(target=watch, name="hcx-cancel-watch", daemon=True).start()
 
 
+STANDBY = "--standby"
+
+
+def stand_by() -> None:
+    """Load what a run needs, then wait for `FLOW_NAME RUN_ID` on stdin and execute that run; end
+    quietly on end of input (the service that started this process went away, or took another)."""
+    from prefect import flow_engine  # noqa: F401  (loaded now, not when a run waits for it)
+
+    deployable()
+    words = sys.stdin.readline().split()
+    if len(words) == 2:
+        execute(*words)
+
+
 if __name__ == "__main__":
-    execute(sys.argv[1], sys.argv[2])
+    if sys.argv[1:] == [STANDBY]:
+        stand_by()
+    else:
+        execute(sys.argv[1], sys.argv[2])
