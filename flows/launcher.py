@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -107,7 +108,9 @@ def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> s
         return str(run.id)
     with get_client(sync_client=True) as client:
         run = client.create_flow_run(flow, parameters=parameters)
-    _launched[str(run.id)] = _hand_over(flow_name, str(run.id))
+        process = _launched[str(run.id)] = _hand_over(flow_name, str(run.id))
+        # Which process runs it, as a worker records it (the standby's command line cannot say).
+        client.update_flow_run(run.id, infrastructure_pid=f"{socket.gethostname()}:{process.pid}")
     return str(run.id)
 
 

@@ -162,34 +162,50 @@ def precheck_file(path: Path, declared: DiskFormat | None) -> DiskFormat:
     return driver
 
 
-class InspectingReader:
-    """A read-only file over `stream` that detects the format and hashes and counts the bytes as
-    whoever reads it pulls them through (s3transfer sending them, say): the bytes are inspected on
-    their one way, never read again. `inspection()` once everything was read."""
+class HashingReader:
+    """A read-only file-like wrapper that hashes and counts the bytes read through it."""
 
-    def __init__(self, stream: BinaryIO, on_chunk: Callable[[bytes], None] | None = None):
-        self._wrapper = format_inspector.InspectWrapper(stream)
-        self._digest = hashlib.sha256()
-        self._on_chunk = on_chunk
+    def __init__(self, stream: BinaryIO, progress: Callable[[int], None] | None = None):
+        self._stream = stream
+        self._progress = progress
+        self.digest = hashlib.sha256()
         self.size = 0
 
     def read(self, size: int = -1) -> bytes:
-        chunk = self._wrapper.read(size)
-        self._digest.update(chunk)
+        chunk = self._stream.read(size)
+        self.digest.update(chunk)
         self.size += len(chunk)
-        if self._on_chunk is not None and chunk:
-            self._on_chunk(chunk)
+        if self._progress is not None and chunk:
+            self._progress(len(chunk))
         return chunk
+
+    @property
+    def sha256(self) -> str:
+        return self.digest.hexdigest()
+
+
+class InspectingReader:
+    """A read-only file over `stream` that detects the format, and hashes and counts the bytes, as
+    whoever reads it pulls them through (s3transfer sending them, say): the bytes are inspected on
+    their one way, never read again. `inspection()` once everything was read."""
+
+    def __init__(self, stream: BinaryIO, progress: Callable[[int], None] | None = None):
+        self._wrapper = format_inspector.InspectWrapper(stream)
+        self._hashing = HashingReader(self._wrapper, progress)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._hashing.read(size)
 
     def inspection(self, *, declared: DiskFormat | None, origin: str) -> Inspection:
         """Detect and safety-check the format, check the sizes: what the bytes read were."""
         self._wrapper.close()
-        _refuse_empty(self.size, origin)
+        size = self._hashing.size
+        _refuse_empty(size, origin)
         found = _detected(self._wrapper, origin)
         driver = _driver_for(found, declared, origin)
-        virtual_size = _virtual_size(found, self.size, origin)
-        return Inspection(format=driver, detected=found.name, size=self.size, virtual_size=virtual_size,
-                          sha256=self._digest.hexdigest())
+        virtual_size = _virtual_size(found, size, origin)
+        return Inspection(format=driver, detected=found.name, size=size, virtual_size=virtual_size,
+                          sha256=self._hashing.sha256)
 
 
 def inspect_stream(
@@ -198,11 +214,11 @@ def inspect_stream(
     declared: DiskFormat | None,
     origin: str,
     chunk_size: int,
-    on_chunk: Callable[[bytes], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Inspection:
     """Read a whole stream once: detect and safety-check the format, count and hash the bytes,
     check the sizes."""
-    reader = InspectingReader(stream, on_chunk)
+    reader = InspectingReader(stream, progress)
     while reader.read(chunk_size):
         pass
     return reader.inspection(declared=declared, origin=origin)

@@ -20,7 +20,7 @@ from catalog.store import open_catalog
 from tasks.images import current_flow_run_id
 from tasks.progress import ProgressArtifact
 from tasks.retry import IO_TASK
-from tasks.transfer import HashingReader
+from tasks.inspection import HashingReader
 
 log = logging.getLogger("hcx.maintenance")
 

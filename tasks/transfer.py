@@ -19,35 +19,13 @@ from typing import BinaryIO, Callable, Iterator
 from blocks.datastore import ObjectInfo, ObjectRef, S3Datastore
 from catalog.model import DiskFormat, IntegrityError, NotFound, Refused
 from catalog.settings import Settings, get_settings
-from tasks.inspection import Inspection, inspect_stream
+from tasks.inspection import HashingReader, Inspection, inspect_stream
 
 Progress = Callable[[int], None]
 
 # Server-side reads of local paths (a flow given `path`) are refused under these, as the reference
 # does with RESTRICTED_DIRS, unless the path lies under one of Settings.safe_dirs.
 _RESTRICTED_DIRS = (Path("/etc"), Path("/root"), Path("/home"), Path("/proc"), Path("/sys"), Path("/dev"), Path("/var/lib"))
-
-
-class HashingReader:
-    """A read-only file-like wrapper that hashes and counts the bytes read through it."""
-
-    def __init__(self, stream: BinaryIO, progress: Progress | None = None):
-        self._stream = stream
-        self._progress = progress
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self._stream.read(size)
-        self.digest.update(chunk)
-        self.size += len(chunk)
-        if self._progress is not None and chunk:
-            self._progress(len(chunk))
-        return chunk
-
-    @property
-    def sha256(self) -> str:
-        return self.digest.hexdigest()
 
 
 # Where empty raw images come from: the kernel's zeros, read by s3transfer part by part as it
@@ -132,7 +110,7 @@ def inspect_object(datastore: S3Datastore, ref: ObjectRef, declared: DiskFormat 
     with body:
         inspection = inspect_stream(
             body, declared=declared, origin=f"Object {ref}", chunk_size=get_settings().stream_chunk,
-            on_chunk=(lambda c: progress(len(c))) if progress else None,
+            progress=progress,
         )
     if inspection.size != info.size:
         raise IntegrityError(f"Object {ref}: read {inspection.size} bytes, the store announced {info.size}")

@@ -73,8 +73,12 @@ def test_a_scheduled_run_happens_and_status_reports_it(quick_platform):
         api.patch(f"/deployments/{platform.deployment_id('monitor')}", json={"paused": True}).raise_for_status()
 
 
-def _processes_of(flow_run_id: str) -> list[int]:
-    """The processes whose command line names the flow run (a local launcher: `flows.launcher upload <id>`)."""
+def _processes_of(platform, flow_run_id: str) -> list[int]:
+    """The process that runs the flow run, as recorded on it (`infrastructure_pid`, host:pid: the
+    image API's standby that took it), or whose command line names it (a worker's flow-run process)."""
+    recorded = platform.flow_run(flow_run_id).get("infrastructure_pid")
+    if recorded and Stack.running(Service(pid=int(recorded.rsplit(":", 1)[1]))):
+        return [int(recorded.rsplit(":", 1)[1])]
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -137,7 +141,7 @@ def test_killed_runs_are_crashed_by_prefect_settled_and_no_wait_hangs(quick_plat
         unregistered_run = first.split()[-1]
         _wait_for("the upload run RUNNING",
                   lambda: platform.flow_run(unregistered_run)["state_type"] == "RUNNING", timeout=60, every=0.05)
-        victims = _processes_of(unregistered_run)
+        victims = _processes_of(platform, unregistered_run)
         assert victims, "no process runs the upload"
         for pid in victims:
             os.kill(pid, signal.SIGKILL)

@@ -89,6 +89,8 @@ def refused_args(tmp_path, raw_file, qcow2_file):
     qemu_img("create", "-q", "-f", "qcow2", "-b", str(qcow2_file), "-F", "qcow2", str(child))
     empty = tmp_path / "empty.raw"
     empty.touch()
+    other = tmp_path / "other.raw"
+    other.write_bytes(os.urandom(1024 * 1024))
     eib = make_qcow2_claiming(tmp_path / "eib.qcow2", 2**60)
     u64_max = make_qcow2_claiming(tmp_path / "max.qcow2", 2**64 - 1)
     hidden = iso_hiding_qcow2(tmp_path / "hidden.iso", qcow2_file)
@@ -100,7 +102,8 @@ def refused_args(tmp_path, raw_file, qcow2_file):
         "mismatch": lambda name: ["--name", name, "--path", raw_file, "--driver", "qcow2"],
         "unknown": lambda name: ["--name", name, "--path", vmdk],
         "missing": lambda name: ["--name", name, "--path", tmp_path / "no-such-file"],
-        "duplicate": lambda name: ["--name", name, "--path", raw_file],
+        # another file under a name taken (the same file again would be the same create: its image)
+        "duplicate": lambda name: ["--name", name, "--path", other],
         "persistent_cdrom": lambda name: ["--name", name, "--path", raw_file, "--type", "CDROM", "--persistent"],
         "backing_file": lambda name: ["--name", name, "--path", child, "--driver", "qcow2"],
     }
