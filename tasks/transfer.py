@@ -14,7 +14,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable, Iterator
 
 from blocks.datastore import ObjectInfo, ObjectRef, S3Datastore
 from catalog.model import DiskFormat, IntegrityError, NotFound, Refused

@@ -3,6 +3,7 @@ test harness (a real API server), and a SQLite catalog, all under one temporary 
 
 from __future__ import annotations
 
+import base64
 import enum
 import os
 import re
@@ -675,6 +676,31 @@ class Platform:
         return [pid for pid in (state.s3.pid, state.prefect.pid, state.worker.pid, state.api.pid) if pid]
 
 
+def basic_auth(secret: str) -> dict[str, str]:
+    """The header Prefect's client sends for an auth string (written out here, not taken from the
+    code under test)."""
+    return {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
+
+
+def prefect_rest(platform: Platform, headers: dict[str, str] | None = None) -> httpx.Client:
+    """A plain REST client of the platform's Prefect API, sending `headers` (none: no credentials);
+    it asks again when the server's SQLite is busy (503), as Prefect's own client does."""
+    return httpx.Client(base_url=platform.api_url, headers=headers or {}, timeout=30,
+                        transport=AskAgainWhenUnavailable())
+
+
+def proc_file(pid: int, name: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:  # ended meanwhile
+        return b""
+
+
+def process_environment(pid: int) -> dict[str, str]:
+    entries = proc_file(pid, "environ").decode(errors="replace").split("\0")
+    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
+
+
 @contextmanager
 def platform_up(home: Path, **settings: str):
     """`hcx-image up` in `home` on free ports, with extra environment `settings` (HCX_*, PREFECT_*);
@@ -774,3 +800,23 @@ def pg_catalog():
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh_catalog(request, tmp_path):
+    """An empty catalog of its own, on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
+    else:
+        yield request.getfixturevalue("pg_catalog")
+
+
+# --- how `make test` shares the modules out between its two workers ---------------------------------
+
+def pytest_collection_modifyitems(config, items):
+    """One module per worker at a time (its module fixtures set up once), as `--dist loadfile`
+    would, except that every module using the session's `platform` goes to the same worker: a
+    platform (`hcx-image up`) costs a minute of both cores to start, so it is started once."""
+    for item in items:
+        group = "platform" if "platform" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -21,14 +21,6 @@ from tests.conftest import ALICE, all_at_once, catalog_snapshot, register_image
 S = ImageState
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh_catalog(request, tmp_path):
-    if request.param == "sqlite":
-        yield Catalog(f"sqlite:///{tmp_path / 'catalog.db'}")
-    else:
-        yield request.getfixturevalue("pg_catalog")
-
-
 def new_image(catalog: Catalog, name: str = "golden", *, persistent: bool = False, **fields):
     return register_image(catalog, name, persistent=persistent, **fields)
 

@@ -14,11 +14,10 @@ from catalog.identity import ADMIN_USER, Directory, open_directory, token_rows
 from catalog.model import NotFound, Refused
 from catalog.requests import RequestedBy
 from catalog.store import Catalog
-from tests.test_catalog import fresh_catalog  # noqa: F401  (the SQLite and PostgreSQL catalogs)
 
 
 @pytest.fixture
-def directory(fresh_catalog) -> Directory:  # noqa: F811
+def directory(fresh_catalog) -> Directory:
     return Directory(fresh_catalog.engine)
 
 
@@ -34,14 +33,14 @@ def test_the_admin_group_the_users_group_and_the_administrator_always_exist(dire
     assert directory.get_user(ADMIN_USER).tokens == 0  # it acts for operators; nobody holds a token yet
 
 
-def test_a_second_directory_on_the_same_database_changes_nothing(fresh_catalog, directory):  # noqa: F811
+def test_a_second_directory_on_the_same_database_changes_nothing(fresh_catalog, directory):
     directory.add_group("staff")
     again = Directory(fresh_catalog.engine)
     assert [g["name"] for g in again.list_groups()] == ["oneadmin", "staff", "users"]
     assert [u.name for u in again.list_users()] == ["oneadmin"]
 
 
-def test_the_directory_lives_in_the_catalogs_database(fresh_catalog, directory):  # noqa: F811
+def test_the_directory_lives_in_the_catalogs_database(fresh_catalog, directory):
     directory.add_user("alice")
     tables = set(sa.inspect(fresh_catalog.engine).get_table_names())
     assert {"images", "users", "groups", "memberships", "api_tokens"} <= tables
@@ -100,7 +99,7 @@ def test_good_names(directory):
     assert directory.actor("_svc").group == "team_1.ops-x"
 
 
-def test_only_the_tokens_hash_is_stored(fresh_catalog, directory):  # noqa: F811
+def test_only_the_tokens_hash_is_stored(fresh_catalog, directory):
     _, token = directory.add_user("alice")
     with fresh_catalog.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(sa.select(token_rows))]

@@ -13,16 +13,18 @@ import os
 import re
 import signal
 import subprocess
+import stat
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from catalog.model import ImageState
 from cli.stack import Service, Stack, descendants
-from tests.conftest import HCX_CLI, REPO_ROOT, platform_up
+from tests.conftest import HCX_CLI, REPO_ROOT, basic_auth, platform_up, prefect_rest, process_environment
 
 STALE_SECONDS = 60  # HCX_STALE_RUN_SECONDS of this platform: the zombie automation's `within`
 TEMPORARY_SERVER = "temporary server"  # what Prefect prints when it starts (and stops) an ephemeral API
@@ -236,6 +238,40 @@ def test_a_prefect_call_without_an_api_is_an_error_never_a_temporary_server(tmp_
     assert done.returncode != 0
     assert "No Prefect API URL provided" in done.stderr
     assert TEMPORARY_SERVER not in done.stdout + done.stderr
+
+
+def test_up_restarts_a_dead_api_and_rotates_the_auth_string(quick_platform):
+    """`up` starts the image API on a port it keeps and starts it again when it died; with
+    $HCX_HOME/prefect-auth deleted, `up` makes a new string and restarts the server and its clients
+    with it. (`down` stopping everything, the image API and what it started included, is what
+    `platform_up` checks when the module ends.)"""
+    started = quick_platform
+    state = started.state
+    api_url = started.stack.api_url(state)
+    assert api_url and httpx.get(f"{api_url}/health", timeout=5).status_code == 200
+    os.kill(state.api.pid, signal.SIGKILL)
+    again = started.hcx("up", timeout=300)
+    assert again.returncode == 0, again.stderr
+    restarted = started.state
+    assert restarted.api.pid != state.api.pid and restarted.api.ports == state.api.ports
+    assert restarted.prefect.pid == state.prefect.pid and restarted.worker.pid == state.worker.pid
+    assert httpx.get(f"{api_url}/health", timeout=5).status_code == 200
+    assert (started.home / "logs" / "api.log").stat().st_size > 0
+
+    old = started.stack.auth_string()
+    started.stack.auth_file.unlink()
+    rotated = started.hcx("up", timeout=300)
+    assert rotated.returncode == 0, rotated.stderr
+    new, after = started.stack.auth_string(), started.state
+    assert new and new != old and stat.S_IMODE(started.stack.auth_file.stat().st_mode) == 0o600
+    assert {after.prefect.pid, after.worker.pid, after.api.pid}.isdisjoint(
+        {restarted.prefect.pid, restarted.worker.pid, restarted.api.pid})
+    with prefect_rest(started, basic_auth(old)) as api:
+        assert api.post("/flows/filter", json={}).status_code == 401
+    with prefect_rest(started, basic_auth(new)) as api:
+        assert api.post("/flows/filter", json={}).status_code == 200
+    for pid in (after.worker.pid, after.api.pid):
+        assert process_environment(pid)["PREFECT_API_AUTH_STRING"] == new
 
 
 def test_up_restarts_what_died(quick_platform):

@@ -5,39 +5,23 @@ $HCX_HOME is the owner's alone. The deployment forms offer no identity and no ob
 
 from __future__ import annotations
 
-import base64
-import os
-import signal
 import stat
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
-import pytest
 
-from cli.stack import Service, Stack, descendants
+from cli.stack import Stack, descendants
 from flows.launcher import deployable
-from tests.conftest import TERMINAL, AskAgainWhenUnavailable, Platform, platform_up
+from tests.conftest import TERMINAL, Platform, basic_auth, prefect_rest, proc_file, process_environment
 
 HIDDEN_PARAMETERS = {"owner", "group", "object_id", "upload_id"}  # set by the image API, never on a form
 
 
-def basic(secret: str) -> dict[str, str]:
-    """The header Prefect's client sends (written out here, not taken from the code under test)."""
-    return {"Authorization": "Basic " + base64.b64encode(secret.encode()).decode()}
-
-
-def prefect(platform: Platform, headers: dict[str, str] | None = None) -> httpx.Client:
-    """A plain REST client of the platform's Prefect API, sending `headers` (none: no credentials);
-    it asks again when the server's SQLite is busy (503), as Prefect's own client does."""
-    return httpx.Client(base_url=platform.api_url, headers=headers or {}, timeout=30,
-                        transport=AskAgainWhenUnavailable())
-
-
 def operator(platform: Platform) -> httpx.Client:
     """A REST client with the auth string, as an operator holding $HCX_HOME/prefect-auth."""
-    return prefect(platform, basic(platform.stack.auth_string()))
+    return prefect_rest(platform, basic_auth(platform.stack.auth_string()))
 
 
 def stack_processes(platform: Platform) -> list[int]:
@@ -45,18 +29,6 @@ def stack_processes(platform: Platform) -> list[int]:
     state = platform.state
     pids = [s.pid for s in (state.s3, state.prefect, state.worker, state.api) if Stack.running(s)]
     return pids + [child for pid in pids for child in descendants(pid)]
-
-
-def proc_file(pid: int, name: str) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/{name}").read_bytes()
-    except OSError:  # ended meanwhile
-        return b""
-
-
-def environment(pid: int) -> dict[str, str]:
-    entries = proc_file(pid, "environ").decode(errors="replace").split("\0")
-    return dict(entry.split("=", 1) for entry in entries if "=" in entry)
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -88,12 +60,12 @@ def test_prefect_rest_answers_401_without_the_auth_string(platform):
     assert auth and len(auth) >= 40
     refused = {
         "none": {},
-        "wrong": basic(auth[:-1] + ("x" if auth[-1] != "x" else "y")),
-        "user:password form": basic(f"admin:{auth}"),
+        "wrong": basic_auth(auth[:-1] + ("x" if auth[-1] != "x" else "y")),
+        "user:password form": basic_auth(f"admin:{auth}"),
         "bearer": {"Authorization": f"Bearer {auth}"},
     }
     for what, headers in refused.items():
-        with prefect(platform, headers) as api:
+        with prefect_rest(platform, headers) as api:
             for reply in (api.post("/flows/filter", json={}), api.get("/admin/version"),
                           api.post("/deployments/filter", json={})):
                 assert reply.status_code == 401, (what, reply.request.url, reply.text)
@@ -102,7 +74,7 @@ def test_prefect_rest_answers_401_without_the_auth_string(platform):
         assert api.post("/flows/filter", json={}).status_code == 200
         assert api.get("/admin/version").status_code == 200
         assert {d["name"] for d in api.post("/deployments/filter", json={}).json()} == set(deployable())
-    with prefect(platform) as api:  # Prefect leaves its probes open (GET only)
+    with prefect_rest(platform) as api:  # Prefect leaves its probes open (GET only)
         assert api.get("/health").status_code == 200
         assert api.post("/health").status_code == 401
 
@@ -110,8 +82,8 @@ def test_prefect_rest_answers_401_without_the_auth_string(platform):
 def test_block_secrets_are_unreadable_without_the_auth_string(platform):
     secret = platform.state.s3_secret_key
     query = {"include_secrets": True}
-    for headers in ({}, basic("guess")):
-        with prefect(platform, headers) as api:
+    for headers in ({}, basic_auth("guess")):
+        with prefect_rest(platform, headers) as api:
             for path in ("/block_documents/filter", "/block_types/slug/hcx-datastore/block_documents"):
                 reply = api.post(path, json=query) if path.endswith("filter") else api.get(path, params=query)
                 assert reply.status_code == 401, (path, reply.text)
@@ -154,10 +126,10 @@ def test_auth_string_is_in_no_log_no_database_and_on_no_command_line(platform):
     assert state.worker.pid in processes and state.api.pid in processes
     assert [pid for pid in processes if auth in proc_file(pid, "cmdline")] == []
     # Handed over in the environment instead: the server demands it, its clients send it.
-    assert environment(state.prefect.pid)["PREFECT_SERVER_API_AUTH_STRING"] == auth.decode()
+    assert process_environment(state.prefect.pid)["PREFECT_SERVER_API_AUTH_STRING"] == auth.decode()
     for pid in (state.worker.pid, state.api.pid):
-        assert environment(pid)["PREFECT_API_AUTH_STRING"] == auth.decode(), pid
-    assert "PREFECT_SERVER_API_AUTH_STRING" not in environment(state.worker.pid)
+        assert process_environment(pid)["PREFECT_API_AUTH_STRING"] == auth.decode(), pid
+    assert "PREFECT_SERVER_API_AUTH_STRING" not in process_environment(state.worker.pid)
 
 
 def test_hcx_home_and_everything_in_it_is_the_owners_alone(platform):
@@ -224,42 +196,3 @@ def test_the_enforced_schema_still_takes_what_the_image_api_passes(platform):
             assert api.delete(f"/flow_runs/{reply.json()['id']}").status_code == 204
         wrong = create("upload", {"owner": "alice", "name": "x", "type": "FLOPPY"})
         assert wrong.status_code == 409 and "'FLOPPY' is not one of" in wrong.text
-
-
-# --- the image API as a service of the stack ------------------------------------------------------
-
-def test_up_restarts_a_dead_api_rotates_the_auth_string_and_down_stops_all(tmp_path):
-    """In a home of its own: `up` starts the image API on a port it keeps and starts it again when
-    it died; with $HCX_HOME/prefect-auth deleted, `up` makes a new string and restarts the server
-    and its clients with it; `down` stops everything, the image API and what it started included."""
-    with platform_up(tmp_path / "home") as started:
-        state = started.state
-        api_url = started.stack.api_url(state)
-        assert api_url and httpx.get(f"{api_url}/health", timeout=5).status_code == 200
-        os.kill(state.api.pid, signal.SIGKILL)
-        again = started.hcx("up", timeout=300)
-        assert again.returncode == 0, again.stderr
-        restarted = started.state
-        assert restarted.api.pid != state.api.pid and restarted.api.ports == state.api.ports
-        assert restarted.prefect.pid == state.prefect.pid and restarted.worker.pid == state.worker.pid
-        assert httpx.get(f"{api_url}/health", timeout=5).status_code == 200
-        assert (started.home / "logs" / "api.log").stat().st_size > 0
-
-        old = started.stack.auth_string()
-        started.stack.auth_file.unlink()
-        rotated = started.hcx("up", timeout=300)
-        assert rotated.returncode == 0, rotated.stderr
-        new, after = started.stack.auth_string(), started.state
-        assert new and new != old and stat.S_IMODE(started.stack.auth_file.stat().st_mode) == 0o600
-        assert {after.prefect.pid, after.worker.pid, after.api.pid}.isdisjoint(
-            {restarted.prefect.pid, restarted.worker.pid, restarted.api.pid})
-        with prefect(started, basic(old)) as api:
-            assert api.post("/flows/filter", json={}).status_code == 401
-        with prefect(started, basic(new)) as api:
-            assert api.post("/flows/filter", json={}).status_code == 200
-        for pid in (after.worker.pid, after.api.pid):
-            assert environment(pid)["PREFECT_API_AUTH_STRING"] == new
-        below = stack_processes(started)
-    assert [pid for pid in below if Stack.running(Service(pid=pid))] == []
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{api_url}/health", timeout=5)

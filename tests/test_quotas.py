@@ -17,7 +17,6 @@ from catalog.quotas import all_quotas_report, quota_report, set_quota
 from catalog.requests import CloneRequest
 from catalog.store import Catalog
 from tests.conftest import all_at_once, catalog_snapshot, register_image
-from tests.test_catalog import fresh_catalog  # noqa: F401  (the SQLite and PostgreSQL catalogs)
 
 HINT = "delete an image or ask an administrator to raise it."
 ADMIN = Actor(user="oneadmin", group="oneadmin", is_admin=True)
@@ -32,7 +31,7 @@ def group(name: str) -> QuotaSubject:
 
 
 @pytest.fixture
-def directory(fresh_catalog) -> Directory:  # noqa: F811
+def directory(fresh_catalog) -> Directory:
     found = Directory(fresh_catalog.engine)
     found.add_group("staff")
     for name in ("alice", "carol"):
@@ -42,7 +41,7 @@ def directory(fresh_catalog) -> Directory:  # noqa: F811
 
 
 @pytest.fixture
-def quota(fresh_catalog, directory):  # noqa: F811
+def quota(fresh_catalog, directory):
     return functools.partial(set_quota, fresh_catalog, directory)
 
 
@@ -58,7 +57,7 @@ def refused(catalog: Catalog, action, message: str) -> None:
     assert catalog_snapshot(catalog) == before
 
 
-def test_an_image_over_the_users_image_quota_is_refused(fresh_catalog, directory, quota):  # noqa: F811
+def test_an_image_over_the_users_image_quota_is_refused(fresh_catalog, directory, quota):
     alice = actor(directory, "alice")
     quota(user("alice"), datastore="default", max_images=2)
     for n in range(2):
@@ -72,7 +71,7 @@ def test_an_image_over_the_users_image_quota_is_refused(fresh_catalog, directory
     assert register_image(fresh_catalog, "bobs", actor=actor(directory, "bob")).owner == "bob"
 
 
-def test_an_image_over_the_byte_quota_is_refused_with_what_is_left(fresh_catalog, directory, quota):  # noqa: F811
+def test_an_image_over_the_byte_quota_is_refused_with_what_is_left(fresh_catalog, directory, quota):
     alice = actor(directory, "alice")
     quota(user("alice"), max_bytes=3000)
     register_image(fresh_catalog, "big", actor=alice, size=2048)
@@ -82,7 +81,7 @@ def test_an_image_over_the_byte_quota_is_refused_with_what_is_left(fresh_catalog
     assert register_image(fresh_catalog, "fits", actor=alice, size=952).size == 952
 
 
-def test_a_quota_on_all_datastores_counts_every_datastore(fresh_catalog, directory, quota):  # noqa: F811
+def test_a_quota_on_all_datastores_counts_every_datastore(fresh_catalog, directory, quota):
     alice = actor(directory, "alice")
     quota(user("alice"), max_images=2)
     quota(user("alice"), datastore="fast", max_images=5)
@@ -92,7 +91,7 @@ def test_a_quota_on_all_datastores_counts_every_datastore(fresh_catalog, directo
             f"Quota of user alice on all datastores: at most 2 images, 2 used, 0 left: {HINT}")
 
 
-def test_a_group_quota_counts_every_members_images(fresh_catalog, directory, quota):  # noqa: F811
+def test_a_group_quota_counts_every_members_images(fresh_catalog, directory, quota):
     quota(group("users"), max_images=2)
     register_image(fresh_catalog, "a", actor=actor(directory, "alice"))
     register_image(fresh_catalog, "c", actor=actor(directory, "carol"))
@@ -101,7 +100,7 @@ def test_a_group_quota_counts_every_members_images(fresh_catalog, directory, quo
     assert register_image(fresh_catalog, "b", actor=actor(directory, "bob")).group == "staff"
 
 
-def test_a_quota_is_released_when_the_row_goes(fresh_catalog, directory, quota):  # noqa: F811
+def test_a_quota_is_released_when_the_row_goes(fresh_catalog, directory, quota):
     """A DELETE row still counts (its bytes are still in the datastore); once removed it does not."""
     alice = actor(directory, "alice")
     quota(user("alice"), max_images=1)
@@ -113,7 +112,7 @@ def test_a_quota_is_released_when_the_row_goes(fresh_catalog, directory, quota):
     assert register_image(fresh_catalog, "next", actor=alice).state is ImageState.READY
 
 
-def test_a_clone_counts_against_the_quota(fresh_catalog, directory, quota):  # noqa: F811
+def test_a_clone_counts_against_the_quota(fresh_catalog, directory, quota):
     alice = actor(directory, "alice")
     bob = actor(directory, "bob")
     source = operations.chmod(fresh_catalog, bob, register_image(fresh_catalog, "golden", actor=bob, size=100).id, 0o604)
@@ -127,7 +126,7 @@ def test_a_clone_counts_against_the_quota(fresh_catalog, directory, quota):  # n
     assert fresh_catalog.get(source.id).cloning_ops == 0
 
 
-def test_giving_an_image_away_counts_against_the_new_owners_quota(fresh_catalog, directory, quota):  # noqa: F811
+def test_giving_an_image_away_counts_against_the_new_owners_quota(fresh_catalog, directory, quota):
     alice, bob = actor(directory, "alice"), actor(directory, "bob")
     quota(user("bob"), max_images=1)
     quota(group("staff"), max_bytes=100)
@@ -143,7 +142,7 @@ def test_giving_an_image_away_counts_against_the_new_owners_quota(fresh_catalog,
     assert operations.chown(fresh_catalog, directory, ADMIN, image.id, "alice").owner == "alice"
 
 
-def test_quota_report(fresh_catalog, directory, quota):  # noqa: F811
+def test_quota_report(fresh_catalog, directory, quota):
     alice = actor(directory, "alice")
     assert quota_report(fresh_catalog, user("alice")) == [
         {"kind": "user", "subject": "alice", "datastore": None,
@@ -164,7 +163,7 @@ def test_quota_report(fresh_catalog, directory, quota):  # noqa: F811
     assert quota_report(fresh_catalog, group("users"))[0]["images"] == {"limit": 10, "used": 2, "left": 8}
 
 
-def test_setting_quotas(fresh_catalog, directory, quota):  # noqa: F811
+def test_setting_quotas(fresh_catalog, directory, quota):
     with pytest.raises(NotFound, match="There is no user ghost: `hcx-image user list` shows them."):
         quota(user("ghost"), max_images=1)
     with pytest.raises(NotFound, match="There is no group ghosts: `hcx-image group list`"):
@@ -178,7 +177,7 @@ def test_setting_quotas(fresh_catalog, directory, quota):  # noqa: F811
     assert fresh_catalog.quotas_of(user("alice")) == []
 
 
-def test_a_zero_quota_refuses_everything_and_a_lower_one_keeps_what_is_there(fresh_catalog, directory, quota):  # noqa: F811
+def test_a_zero_quota_refuses_everything_and_a_lower_one_keeps_what_is_there(fresh_catalog, directory, quota):
     alice = actor(directory, "alice")
     register_image(fresh_catalog, "kept", actor=alice)
     quota(user("alice"), max_images=0)

@@ -15,11 +15,10 @@ from catalog.permissions import Actor, Right
 from catalog.requests import CloneRequest, CreateEmptyRequest, UploadRequest
 from catalog.store import Catalog
 from tests.conftest import catalog_snapshot, register_image
-from tests.test_catalog import fresh_catalog  # noqa: F401  (the SQLite and PostgreSQL catalogs)
 
 
 @pytest.fixture
-def directory(fresh_catalog) -> Directory:  # noqa: F811
+def directory(fresh_catalog) -> Directory:
     """alice and carol in "users", bob in "staff", dave in both (primary "staff"), root an admin."""
     found = Directory(fresh_catalog.engine)
     found.add_group("staff")
@@ -37,12 +36,12 @@ def people(directory) -> dict[str, Actor]:
 
 
 @pytest.fixture
-def alices_image(fresh_catalog, people):  # noqa: F811
+def alices_image(fresh_catalog, people):
     return lambda name="disk", **fields: register_image(fresh_catalog, name, actor=people["alice"], **fields)
 
 
 @pytest.fixture
-def refused(fresh_catalog):  # noqa: F811
+def refused(fresh_catalog):
     """Run `action`, expect exactly `exc_type` with a message containing `message`, and prove nothing changed."""
 
     def check(action, message: str, exc_type: type[Exception] = Refused) -> str:
@@ -62,14 +61,14 @@ def visible_to(catalog: Catalog, actor: Actor) -> set[int]:
 
 # --- visibility ----------------------------------------------------------------------------------
 
-def test_new_images_are_private(fresh_catalog, people, alices_image):  # noqa: F811
+def test_new_images_are_private(fresh_catalog, people, alices_image):
     image = alices_image()
     assert (image.owner, image.group, image.permissions) == ("alice", "users", 0o600)
     assert visible_to(fresh_catalog, people["carol"]) == set()
     assert visible_to(fresh_catalog, people["root"]) == {image.id}
 
 
-def test_an_image_one_may_not_use_answers_exactly_as_a_missing_one(fresh_catalog, people, alices_image):  # noqa: F811
+def test_an_image_one_may_not_use_answers_exactly_as_a_missing_one(fresh_catalog, people, alices_image):
     image = alices_image()
     missing = 10_000
     with pytest.raises(NotFound) as absent:
@@ -82,7 +81,7 @@ def test_an_image_one_may_not_use_answers_exactly_as_a_missing_one(fresh_catalog
         assert "alice" not in str(hidden.value) and "600" not in str(hidden.value)
 
 
-def test_a_missing_right_is_named_without_owner_group_or_bits(fresh_catalog, people, alices_image):  # noqa: F811
+def test_a_missing_right_is_named_without_owner_group_or_bits(fresh_catalog, people, alices_image):
     image = operations.chmod(fresh_catalog, people["alice"], alices_image().id, 0o604)
     with pytest.raises(PermissionDenied) as caught:
         fresh_catalog.get_for(people["bob"], image.id, Right.MANAGE)
@@ -91,7 +90,7 @@ def test_a_missing_right_is_named_without_owner_group_or_bits(fresh_catalog, peo
     assert not any(word in message for word in ("alice", "users", "604", "permissions"))
 
 
-def test_every_operation_on_an_invisible_image_answers_as_missing(fresh_catalog, directory, people, alices_image,  # noqa: F811
+def test_every_operation_on_an_invisible_image_answers_as_missing(fresh_catalog, directory, people, alices_image,
                                                                    refused):
     image = alices_image()
     bob = people["bob"]
@@ -106,7 +105,7 @@ def test_every_operation_on_an_invisible_image_answers_as_missing(fresh_catalog,
         refused(action, str(missing_image(image.id)), NotFound)
 
 
-def test_chmod_shares_with_the_group_then_with_everyone(fresh_catalog, people, alices_image):  # noqa: F811
+def test_chmod_shares_with_the_group_then_with_everyone(fresh_catalog, people, alices_image):
     """The seed's story: private by default; 640 shares with the group; 604 with everyone."""
     image = alices_image()
     operations.chmod(fresh_catalog, people["alice"], image.id, 0o640)
@@ -119,7 +118,7 @@ def test_chmod_shares_with_the_group_then_with_everyone(fresh_catalog, people, a
                                                     "permissions changed to 604 by alice"]
 
 
-def test_list_mine_shows_only_ones_own(fresh_catalog, people, alices_image):  # noqa: F811
+def test_list_mine_shows_only_ones_own(fresh_catalog, people, alices_image):
     shared = operations.chmod(fresh_catalog, people["alice"], alices_image("shared").id, 0o604)
     own = register_image(fresh_catalog, "own", actor=people["bob"])
     assert [i.id for i in fresh_catalog.list(people["bob"])] == [shared.id, own.id]
@@ -129,7 +128,7 @@ def test_list_mine_shows_only_ones_own(fresh_catalog, people, alices_image):  # 
 
 # --- chmod ---------------------------------------------------------------------------------------
 
-def test_chmod_needs_manage(fresh_catalog, people, alices_image, refused):  # noqa: F811
+def test_chmod_needs_manage(fresh_catalog, people, alices_image, refused):
     image = operations.chmod(fresh_catalog, people["alice"], alices_image().id, 0o644)
     refused(lambda: operations.chmod(fresh_catalog, people["bob"], image.id, 0o666),
             f"User bob has no MANAGE right on image {image.id}", PermissionDenied)
@@ -137,7 +136,7 @@ def test_chmod_needs_manage(fresh_catalog, people, alices_image, refused):  # no
     assert operations.chmod(fresh_catalog, people["carol"], group_managed.id, 0o640).permissions == 0o640
 
 
-def test_changing_the_admin_bits_needs_the_admin_right(fresh_catalog, people, alices_image, refused):  # noqa: F811
+def test_changing_the_admin_bits_needs_the_admin_right(fresh_catalog, people, alices_image, refused):
     image = alices_image()
     refused(lambda: operations.chmod(fresh_catalog, people["alice"], image.id, 0o700),
             f"Changing the ADMIN bits of image {image.id} (the 1 of each octal digit) needs the ADMIN right on it",
@@ -148,14 +147,14 @@ def test_changing_the_admin_bits_needs_the_admin_right(fresh_catalog, people, al
 
 
 @pytest.mark.parametrize("mode", [-1, 0o1000, 0o7777])
-def test_chmod_refuses_modes_outside_000_777(fresh_catalog, people, alices_image, refused, mode):  # noqa: F811
+def test_chmod_refuses_modes_outside_000_777(fresh_catalog, people, alices_image, refused, mode):
     image = alices_image()
     refused(lambda: operations.chmod(fresh_catalog, people["alice"], image.id, mode), "Invalid permissions")
 
 
 # --- chown and chgrp -------------------------------------------------------------------------------
 
-def test_only_an_admin_gives_an_image_to_another_user(fresh_catalog, directory, people, alices_image,  # noqa: F811
+def test_only_an_admin_gives_an_image_to_another_user(fresh_catalog, directory, people, alices_image,
                                                       refused):
     image = alices_image()
     refused(lambda: operations.chown(fresh_catalog, directory, people["alice"], image.id, "bob"),
@@ -168,20 +167,20 @@ def test_only_an_admin_gives_an_image_to_another_user(fresh_catalog, directory, 
     assert (both.owner, both.group) == ("alice", "staff")
 
 
-def test_chown_to_oneself_with_a_group_of_ones_own(fresh_catalog, directory, people, refused):  # noqa: F811
+def test_chown_to_oneself_with_a_group_of_ones_own(fresh_catalog, directory, people, refused):
     image = register_image(fresh_catalog, "d", actor=people["dave"])
     assert operations.chown(fresh_catalog, directory, people["dave"], image.id, "dave", "users").group == "users"
     refused(lambda: operations.chown(fresh_catalog, directory, people["dave"], image.id, "dave", "oneadmin"),
             "User dave is not in group oneadmin", PermissionDenied)
 
 
-def test_chown_needs_manage(fresh_catalog, directory, people, alices_image, refused):  # noqa: F811
+def test_chown_needs_manage(fresh_catalog, directory, people, alices_image, refused):
     image = operations.chmod(fresh_catalog, people["alice"], alices_image().id, 0o604)
     refused(lambda: operations.chown(fresh_catalog, directory, people["bob"], image.id, "bob"),
             f"User bob has no MANAGE right on image {image.id}", PermissionDenied)
 
 
-def test_chown_to_unknown_users_and_groups(fresh_catalog, directory, people, alices_image, refused):  # noqa: F811
+def test_chown_to_unknown_users_and_groups(fresh_catalog, directory, people, alices_image, refused):
     image = alices_image()
     refused(lambda: operations.chown(fresh_catalog, directory, people["root"], image.id, "ghost"),
             "User ghost does not exist", NotFound)
@@ -191,7 +190,7 @@ def test_chown_to_unknown_users_and_groups(fresh_catalog, directory, people, ali
             "Group ghosts does not exist", NotFound)
 
 
-def test_chown_onto_a_name_the_new_owner_holds_is_refused(fresh_catalog, directory, people, alices_image,  # noqa: F811
+def test_chown_onto_a_name_the_new_owner_holds_is_refused(fresh_catalog, directory, people, alices_image,
                                                           refused):
     image = alices_image("web")
     bobs = register_image(fresh_catalog, "web", actor=people["bob"])
@@ -201,7 +200,7 @@ def test_chown_onto_a_name_the_new_owner_holds_is_refused(fresh_catalog, directo
     assert operations.chown(fresh_catalog, directory, people["root"], image.id, "bob").owner == "bob"
 
 
-def test_chgrp_to_ones_own_groups_only(fresh_catalog, directory, people, refused):  # noqa: F811
+def test_chgrp_to_ones_own_groups_only(fresh_catalog, directory, people, refused):
     image = register_image(fresh_catalog, "d", actor=people["dave"])
     assert image.group == "staff"
     assert operations.chgrp(fresh_catalog, directory, people["dave"], image.id, "users").group == "users"
@@ -211,7 +210,7 @@ def test_chgrp_to_ones_own_groups_only(fresh_catalog, directory, people, refused
     assert operations.chgrp(fresh_catalog, directory, people["root"], image.id, "oneadmin").group == "oneadmin"
 
 
-def test_chgrp_moves_who_shares_the_image(fresh_catalog, directory, people):  # noqa: F811
+def test_chgrp_moves_who_shares_the_image(fresh_catalog, directory, people):
     image = register_image(fresh_catalog, "d", actor=people["dave"])
     operations.chmod(fresh_catalog, people["dave"], image.id, 0o640)
     assert image.id in visible_to(fresh_catalog, people["bob"]) and image.id not in visible_to(fresh_catalog, people["alice"])
@@ -219,7 +218,7 @@ def test_chgrp_moves_who_shares_the_image(fresh_catalog, directory, people):  # 
     assert image.id in visible_to(fresh_catalog, people["alice"]) and image.id not in visible_to(fresh_catalog, people["bob"])
 
 
-def test_a_group_member_with_manage_may_chgrp_only_to_their_groups(fresh_catalog, directory, people,  # noqa: F811
+def test_a_group_member_with_manage_may_chgrp_only_to_their_groups(fresh_catalog, directory, people,
                                                                    alices_image, refused):
     image = operations.chmod(fresh_catalog, people["alice"], alices_image().id, 0o660)
     refused(lambda: operations.chgrp(fresh_catalog, directory, people["carol"], image.id, "staff"),
@@ -228,7 +227,7 @@ def test_a_group_member_with_manage_may_chgrp_only_to_their_groups(fresh_catalog
             "Only an administrator may give image", PermissionDenied)
 
 
-def test_a_deleting_image_keeps_its_owner(fresh_catalog, directory, people, alices_image, refused):  # noqa: F811
+def test_a_deleting_image_keeps_its_owner(fresh_catalog, directory, people, alices_image, refused):
     image = alices_image()
     operations.delete(fresh_catalog, people["alice"], image.id)
     refused(lambda: operations.chown(fresh_catalog, directory, people["root"], image.id, "bob"),
@@ -254,7 +253,7 @@ BAD_NAMES = {
 
 
 @pytest.mark.parametrize("name", BAD_NAMES.values(), ids=BAD_NAMES.keys())
-def test_bad_names_are_refused_everywhere(fresh_catalog, people, alices_image, refused, name):  # noqa: F811
+def test_bad_names_are_refused_everywhere(fresh_catalog, people, alices_image, refused, name):
     image = alices_image()
     message = refused(lambda: operations.rename(fresh_catalog, people["alice"], image.id, name), "Invalid image name")
     assert not any(c in message for c in "\x1b\n\r\u202e\u200b\u2028\u2029\x00")  # quoted escaped
@@ -264,14 +263,14 @@ def test_bad_names_are_refused_everywhere(fresh_catalog, people, alices_image, r
             model(owner="alice", name=name, **fields)
 
 
-def test_names_up_to_128_characters_of_any_script(fresh_catalog, people, alices_image):  # noqa: F811
+def test_names_up_to_128_characters_of_any_script(fresh_catalog, people, alices_image):
     image = alices_image()
     for name in ("n" * 128, "disque-été ディスク", "a b.c_d-e (1)"):
         assert operations.rename(fresh_catalog, people["alice"], image.id, name).name == name
         assert UploadRequest(owner="alice", name=name).name == name
 
 
-def test_descriptions_up_to_4_kib(fresh_catalog, people, alices_image, refused):  # noqa: F811
+def test_descriptions_up_to_4_kib(fresh_catalog, people, alices_image, refused):
     image = alices_image()
     assert operations.update(fresh_catalog, people["alice"], image.id, description="d" * 4096).description == "d" * 4096
     assert operations.update(fresh_catalog, people["alice"], image.id, description="é" * 2048).description == "é" * 2048
@@ -286,7 +285,7 @@ def test_descriptions_up_to_4_kib(fresh_catalog, people, alices_image, refused):
             CloneRequest(owner="alice", name="x", source_id=1, description=too_long)
 
 
-def test_attributes_are_bounded(fresh_catalog, people, alices_image, refused):  # noqa: F811
+def test_attributes_are_bounded(fresh_catalog, people, alices_image, refused):
     image = alices_image()
     alice = people["alice"]
     many = {f"k{n}": "v" for n in range(128)}
@@ -306,13 +305,13 @@ def test_attributes_are_bounded(fresh_catalog, people, alices_image, refused):  
     ("ok", "v" * 1025, "its value is 1025 bytes long, at most 1024"),
     ("ok", "é" * 513, "its value is 1026 bytes long, at most 1024"),
 ])
-def test_bad_attributes_are_refused(fresh_catalog, people, alices_image, refused, key, value, message):  # noqa: F811
+def test_bad_attributes_are_refused(fresh_catalog, people, alices_image, refused, key, value, message):
     image = alices_image()
     refused(lambda: operations.update(fresh_catalog, people["alice"], image.id, set_attributes={key: value}), message)
     refused(lambda: register_image(fresh_catalog, "attrs", actor=people["alice"], attributes={key: value}), message)
 
 
-def test_good_attributes(fresh_catalog, people, alices_image):  # noqa: F811
+def test_good_attributes(fresh_catalog, people, alices_image):
     image = alices_image()
     attributes = {"k" * 64: "v" * 1024, "A.b-c_9": "", "x": "é" * 512}
     assert operations.update(fresh_catalog, people["alice"], image.id, set_attributes=attributes).attributes == attributes
