@@ -17,11 +17,10 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python bench/flow_run_overhead.py
-	$(BIN)/python bench/upload_memory.py
 	$(BIN)/python bench/empty_image_memory.py
 	$(BIN)/python bench/upload_vs_raw.py --size 1G
 	$(BIN)/python bench/op_latency.py

@@ -7,6 +7,7 @@ import base64
 import enum
 import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -48,11 +49,45 @@ from flows.upload import upload  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_api(tmp_path_factory):
+    """A real `prefect server` for the session's flows, on a PostgreSQL database of its own.
+    (Prefect's test harness keeps its server on SQLite, whose single writer made twenty concurrent
+    flows and two test workers wait on "database is locked" for minutes.)"""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    with pg_database("hcx_prefect") as name:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}")
+        with open(home / "server.log", "ab") as log:
+            server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                       "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        url = f"http://127.0.0.1:{port}/api"
+        try:
+            deadline = time.monotonic() + 180
+            while not _answers(f"{url}/health"):
+                assert server.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+                time.sleep(0.3)
+            with temporary_settings(updates={PREFECT_API_URL: url}), \
+                    _temporary_global_settings_context(get_settings_context()):  # threads' too, as the harness does
+                yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -778,9 +813,9 @@ def browser_page():
 PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
-@pytest.fixture
-def pg_catalog():
-    """A catalog in a fresh PostgreSQL database, dropped afterwards."""
+@contextmanager
+def pg_database(prefix: str):
+    """A fresh PostgreSQL database (its name), dropped afterwards."""
     import sqlalchemy as sa
 
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -789,17 +824,26 @@ def pg_catalog():
     except sa.exc.OperationalError as exc:
         pytest.fail(f"PostgreSQL does not answer on 127.0.0.1:5432 ({exc.__class__.__name__}): start it with "
                     "`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`")
-    name = f"hcx_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    catalog = Catalog(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
     try:
-        yield catalog
+        yield name
     finally:
-        catalog.engine.dispose()
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def pg_catalog():
+    """A catalog in a fresh PostgreSQL database, dropped afterwards."""
+    with pg_database("hcx_test") as name:
+        catalog = Catalog(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+        try:
+            yield catalog
+        finally:
+            catalog.engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -810,13 +854,3 @@ def fresh_catalog(request, tmp_path):
     else:
         yield request.getfixturevalue("pg_catalog")
 
-
-# --- how `make test` shares the modules out between its two workers ---------------------------------
-
-def pytest_collection_modifyitems(config, items):
-    """One module per worker at a time (its module fixtures set up once), as `--dist loadfile`
-    would, except that every module using the session's `platform` goes to the same worker: a
-    platform (`hcx-image up`) costs a minute of both cores to start, so it is started once."""
-    for item in items:
-        group = "platform" if "platform" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
