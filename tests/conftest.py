@@ -855,17 +855,3 @@ def fresh_catalog(request, tmp_path):
         yield request.getfixturevalue("pg_catalog")
 
 
-
-# The modules that take longest (real `hcx-image up` stacks, 60 s dead-run detection, fuzzing)
-# first: `--dist loadfile` hands modules to the two workers in collection order, so these start at
-# once and the short ones fill in around them, instead of one long module starting last.
-SLOWEST_MODULES = ("test_platform_deadruns.py", "test_platform.py", "test_prefect_auth.py", "test_api_fuzz.py",
-                   "test_lifecycle_properties.py", "test_platform_maintenance.py", "test_ui.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        name = item.path.name
-        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
-
-    items.sort(key=rank)  # stable: each module's own order is kept

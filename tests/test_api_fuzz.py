@@ -47,7 +47,7 @@ def test_no_500_and_every_refusal_says_why(api_schema, image_api, fuzzer_token, 
     headers = {"Authorization": f"Bearer {fuzzer_token}"}
     for operation in operations:
 
-        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=operation.as_strategy(generation_mode=mode))
         def answers_well(case):
             response = case.call(base_url=image_api, headers=headers, timeout=60)
