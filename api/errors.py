@@ -10,16 +10,18 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from catalog.model import ConcurrentChange, HcxError, NotFound, PermissionDenied, Refused, StorageError
+from catalog.model import ChecksumMismatch, ConcurrentChange, HcxError, TransientStorageError, NotFound, PermissionDenied, Refused, StorageError
 
 log = logging.getLogger("hcx.api")
 
 # Most specific first: NotFound and PermissionDenied are Refused too.
 STATUS_OF = (
+    (ChecksumMismatch, 422),  # the bytes sent are not the ones the request named
     (NotFound, 404),
     (PermissionDenied, 403),
     (Refused, 409),
     (ConcurrentChange, 409),
+    (TransientStorageError, 503),  # the datastore is away for a moment: send the same request again
     (StorageError, 502),
     (HcxError, 400),
 )

@@ -23,7 +23,7 @@ from catalog.idempotency import MAX_KEY_LENGTH, Claim, fingerprint, open_idempot
 from catalog.model import Bus, DiskFormat, Image, ImageType, IntegrityError, Operation, Refused, parse_size
 from catalog.permissions import Actor, Right
 from catalog.requests import (
-    CloneRequest, CreateEmptyRequest, DeleteRequest, Description, ImageName, UploadRequest, check_empty_size,
+    Checksum, CloneRequest, CreateEmptyRequest, DeleteRequest, Description, ImageName, UploadRequest, check_empty_size,
     rerun_request,
 )
 from catalog.settings import get_settings
@@ -54,7 +54,7 @@ IdempotencyKey = Annotated[str | None, Header(
                 "one's answer instead of a second image; the CLI derives one from the name and the file.")]
 
 
-def _claim_key(actor: Actor, key: str | None, operation: str, request: dict) -> Claim | None:
+def claim_key(actor: Actor, key: str | None, operation: str, request: dict) -> Claim | None:
     """The key claimed for this request (None without a key); a claim with a flow run is a repeat."""
     if key is None:
         return None
@@ -71,12 +71,12 @@ def _repeated(claim: Claim) -> Started:
     return Started(flow_run_id=claim.flow_run_id, repeated=True)
 
 
-def _settle_key(claim: Claim | None, started: Started) -> None:
+def settle_key(claim: Claim | None, started: Started) -> None:
     if claim is not None:
         open_idempotency_keys().settle(claim, started.flow_run_id)
 
 
-def _release_key(claim: Claim | None) -> None:
+def release_key(claim: Claim | None) -> None:
     if claim is not None:
         open_idempotency_keys().release(claim)
 
@@ -89,9 +89,9 @@ def _once(claim: Claim | None, start: Callable[[], Started]) -> Started:
     try:
         started = start()
     except BaseException:
-        _release_key(claim)
+        release_key(claim)
         raise
-    _settle_key(claim, started)
+    settle_key(claim, started)
     return started
 
 
@@ -145,11 +145,21 @@ class UploadParameters(BaseModel):
     skip_capacity_check: bool = False
     client_path: str | None = Field(default=None, max_length=4096,
                                     description="Where the client's file is: `retry` asks for it again")
+    sha256: str | None = Field(default=None, pattern="^[0-9a-fA-F]{64}$", description="Published sha256 to check")
+    sha1: str | None = Field(default=None, pattern="^[0-9a-fA-F]{40}$", description="Published sha1 to check")
+    md5: str | None = Field(default=None, pattern="^[0-9a-fA-F]{32}$", description="Published md5 to check")
+
+    def checksum(self) -> Checksum | None:
+        """The one published checksum given, checked on the bytes as they arrive."""
+        given = {name: value for name in ("sha256", "sha1", "md5") if (value := getattr(self, name))}
+        if len(given) > 1:
+            raise Refused(f"Give one checksum, not {len(given)} ({', '.join(sorted(given))}): the strongest you have.")
+        return next((Checksum(algorithm=name, value=value) for name, value in given.items()), None)
 
 
-def _prepare_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[S3Datastore, ObjectRef, UploadRequest]:
+def prepare_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[S3Datastore, ObjectRef, UploadRequest]:
     """Every check that can refuse before a byte is stored, then the staging record."""
-    datastore, store = _check_upload(actor, params, size)
+    datastore, store = upload_allowed(actor, params, size)
     upload_id = uuid.uuid4().hex  # made here, never by a client
     staged = store.staging_ref(upload_id)
     open_staging().record(upload_id=upload_id, datastore=datastore, bucket=staged.bucket, key=staged.key,
@@ -175,11 +185,13 @@ def check_upload(actor: Caller, params: Annotated[UploadParameters, Depends()],
         if earlier is not None and not run_left_no_image(earlier):
             # no need to send the file again (a 200 with the answer: the route's 204 would drop a body)
             return JSONResponse(Started(flow_run_id=earlier, repeated=True).model_dump(), status_code=200)
-    _check_upload(actor, params, size)
+    upload_allowed(actor, params, size)
     return Response(status_code=204)
 
 
-def _check_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[str, S3Datastore]:
+def upload_allowed(actor: Actor, params: UploadParameters, size: int) -> tuple[str, S3Datastore]:
+    """Every check that can refuse an upload before a byte is sent: size, name, capacity, quota."""
+    params.checksum()
     datastore = params.datastore or get_settings().default_datastore
     if size <= 0:
         raise Refused("The file is empty (0 bytes): an image needs content; check the file.")
@@ -192,23 +204,27 @@ def _check_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[st
 
 
 async def _stage_body(request: Request, store: S3Datastore, staged: ObjectRef, length: int, *, upload_id: str,
-                      declared: DiskFormat | None) -> Inspection:
+                      declared: DiskFormat | None, checksum: Checksum | None = None) -> Inspection:
     """Stream the request body into the staged object, inspecting and hashing it on the way. The
     bytes cross once: what was found is recorded for the staged object's ETag, and the upload flow
     takes it from there instead of reading the object back. A refusal leaves the bytes to the caller
     to drop."""
     body = BodyReader(request.stream(), length)
-    reader = InspectingReader(body)
+    reader = InspectingReader(body, checksum=checksum)
     stored = await run_in_threadpool(store.upload, reader, staged, size_hint=length)
     body.check_complete()
     inspection = reader.inspection(declared=declared, origin=f"The file sent ({length} bytes)")
     if stored.size != inspection.size:
         raise IntegrityError(f"Upload to {staged}: {stored.size} bytes stored, {inspection.size} sent: send it again.")
-    found = StagedInspection(etag=stored.etag, size=inspection.size, sha256=inspection.sha256,
-                             format=inspection.format, detected=inspection.detected,
-                             virtual_size=inspection.virtual_size)
-    await run_in_threadpool(open_staging().record_inspection, upload_id, found)
+    await run_in_threadpool(record_inspection, upload_id, stored.etag, inspection)
     return inspection
+
+
+def record_inspection(upload_id: str, etag: str, inspection: Inspection) -> None:
+    """What the bytes staged for `upload_id` (the object of `etag`) were: the upload flow trusts it."""
+    open_staging().record_inspection(upload_id, StagedInspection(
+        etag=etag, size=inspection.size, sha256=inspection.sha256, format=inspection.format,
+        detected=inspection.detected, virtual_size=inspection.virtual_size))
 
 
 @router.post("/images/upload", status_code=202, response_model=Started,
@@ -218,37 +234,37 @@ async def _stage_body(request: Request, store: S3Datastore, staged: ObjectRef, l
 async def upload_image(request: Request, actor: Caller, params: Annotated[UploadParameters, Depends()],
                        remote: Remote = None, idempotency_key: IdempotencyKey = None) -> Started:
     length = declared_length(request)
-    claim = await run_in_threadpool(_claim_key, actor, idempotency_key, "upload",
+    claim = await run_in_threadpool(claim_key, actor, idempotency_key, "upload",
                                     {**params.model_dump(mode="json"), "size": length})
     if claim is not None and claim.flow_run_id is not None:  # sent again: the body is not read
         return _repeated(claim)
     try:
         started = await _upload(request, actor, params, length, remote)
     except BaseException:
-        await run_in_threadpool(_release_key, claim)
+        await run_in_threadpool(release_key, claim)
         raise
-    await run_in_threadpool(_settle_key, claim, started)
+    await run_in_threadpool(settle_key, claim, started)
     return started
 
 
 async def _upload(request: Request, actor: Actor, params: UploadParameters, length: int,
                   remote: bool | None) -> Started:
-    store, staged, upload = await run_in_threadpool(_prepare_upload, actor, params, length)
+    store, staged, upload = await run_in_threadpool(prepare_upload, actor, params, length)
     started = False
     try:
         inspection = await _stage_body(request, store, staged, length, upload_id=upload.upload_id,
-                                       declared=upload.driver)
+                                       declared=upload.driver, checksum=params.checksum())
         upload.expected_sha256 = inspection.sha256
         flow_run_id = await run_in_threadpool(submit, "upload", {"request": upload.model_dump(mode="json")},
                                               remote=remote)
         started = True
     finally:
         if not started:  # nothing may stay behind a refused or interrupted upload
-            await run_in_threadpool(_drop_staged, store, staged, upload.upload_id)
+            await run_in_threadpool(drop_staged, store, staged, upload.upload_id)
     return _started(flow_run_id)
 
 
-def _drop_staged(store: S3Datastore, staged: ObjectRef, upload_id: str) -> None:
+def drop_staged(store: S3Datastore, staged: ObjectRef, upload_id: str) -> None:
     store.delete(staged)
     open_staging().forget(upload_id)
 
@@ -268,7 +284,7 @@ class EmptyImage(Strict):
 @router.post("/images", status_code=202, response_model=Started, summary="Create an empty OS or DATABLOCK image")
 def create_empty_image(body: EmptyImage, actor: Caller, remote: Remote = None,
                        idempotency_key: IdempotencyKey = None) -> Started:
-    claim = _claim_key(actor, idempotency_key, "create-empty", body.model_dump(mode="json"))
+    claim = claim_key(actor, idempotency_key, "create-empty", body.model_dump(mode="json"))
     return _once(claim, lambda: _create_empty(body, actor, remote))
 
 
@@ -301,7 +317,7 @@ class Clone(Strict):
 @router.post("/images/{image_id}/clone", status_code=202, response_model=Started, summary="Clone an image (USE)")
 def clone_image(image_id: ImageId, body: Clone, actor: Caller, remote: Remote = None,
                 idempotency_key: IdempotencyKey = None) -> Started:
-    claim = _claim_key(actor, idempotency_key, "clone", {"source_id": image_id, **body.model_dump(mode="json")})
+    claim = claim_key(actor, idempotency_key, "clone", {"source_id": image_id, **body.model_dump(mode="json")})
     return _once(claim, lambda: _clone(image_id, body, actor, remote))
 
 
@@ -379,10 +395,10 @@ async def _restage(request: Request, image: Image, store: S3Datastore, staged: O
         digest = (await _stage_body(request, store, staged, length, upload_id=last.upload_id,
                                     declared=image.format)).sha256
     except BaseException:
-        await run_in_threadpool(_drop_staged, store, staged, last.upload_id)
+        await run_in_threadpool(drop_staged, store, staged, last.upload_id)
         raise
     if digest != image.sha256:
-        await run_in_threadpool(_drop_staged, store, staged, last.upload_id)
+        await run_in_threadpool(drop_staged, store, staged, last.upload_id)
         raise Refused(f"{refused} and the file sent hashes to {digest}, the image recorded {image.sha256}: "
                       "it has changed; delete the image and upload the file again.")
 

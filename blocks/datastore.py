@@ -317,6 +317,42 @@ class S3Datastore(Block):
             raise storage_error(exc, f"list s3://{bucket}/{prefix}") from None
         return found
 
+    # --- one multipart upload, part by part (resumable upload sessions) -----------------------
+
+    def start_multipart(self, ref: ObjectRef) -> str:
+        """A new multipart upload to `ref`; its S3 upload id."""
+        try:
+            return self.client().create_multipart_upload(Bucket=ref.bucket, Key=ref.key)["UploadId"]
+        except _S3_ERRORS as exc:
+            raise storage_error(exc, f"start an upload to {ref}") from None
+
+    def put_part(self, ref: ObjectRef, multipart_id: str, number: int, data: bytes) -> str:
+        """Store part `number` (1-based) of the multipart upload, replacing an earlier copy; its ETag.
+        The SDK sends a CRC32 of the bytes, which the server checks before it keeps them."""
+        try:
+            return self.client().upload_part(Bucket=ref.bucket, Key=ref.key, UploadId=multipart_id,
+                                              PartNumber=number, Body=data)["ETag"]
+        except _S3_ERRORS as exc:
+            raise storage_error(exc, f"store part {number} of {ref}") from None
+
+    def finish_multipart(self, ref: ObjectRef, multipart_id: str, etags: list[str]) -> ObjectInfo:
+        """Join parts 1..len(etags) into the object."""
+        parts = [{"PartNumber": number, "ETag": etag} for number, etag in enumerate(etags, start=1)]
+        try:
+            self.client().complete_multipart_upload(Bucket=ref.bucket, Key=ref.key, UploadId=multipart_id,
+                                                    MultipartUpload={"Parts": parts})
+        except _S3_ERRORS as exc:
+            raise storage_error(exc, f"complete the upload to {ref}") from None
+        return self.head(ref)
+
+    def open_range(self, ref: ObjectRef, start: int, *, if_match: str) -> BinaryIO:
+        """A streaming body of the object's bytes from `start` to its end."""
+        try:
+            return self.client().get_object(Bucket=ref.bucket, Key=ref.key, Range=f"bytes={start}-",
+                                            IfMatch=if_match)["Body"]
+        except _S3_ERRORS as exc:
+            raise storage_error(exc, f"read {ref} from byte {start}") from None
+
     def list_multipart_uploads(self, bucket: str, prefix: str) -> list[dict]:
         try:
             reply = self.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)

@@ -179,6 +179,10 @@ class IntegrityError(StorageError):
     """Bytes are not what they were said to be (size, hash, ETag or format); never retried."""
 
 
+class ChecksumMismatch(IntegrityError):
+    """Bytes whose published checksum (given by the user) is not theirs: the source is wrong."""
+
+
 class ImageToolError(HcxError):
     """An image tool (qemu-img) failed or is missing."""
 

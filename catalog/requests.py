@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -31,6 +31,27 @@ ImageName = Annotated[str, Field(min_length=1, max_length=rules.MAX_NAME), _by_r
 Description = Annotated[str, _by_rule(rules.validate_description)]
 
 
+# A checksum a user got with an image (a distribution's SHA256SUMS, say): checked on the bytes as
+# they arrive, whatever the source; a mismatch leaves nothing behind.
+DIGEST_LENGTHS = {"sha256": 64, "sha1": 40, "md5": 32}
+
+
+class Checksum(BaseModel):
+    algorithm: Literal["sha256", "sha1", "md5"]
+    value: str = Field(pattern="^[0-9a-fA-F]+$", max_length=64, description="hexadecimal")
+
+    @model_validator(mode="after")
+    def _length_of_its_algorithm(self) -> "Checksum":
+        self.value = self.value.lower()
+        if len(self.value) != DIGEST_LENGTHS[self.algorithm]:
+            raise ValueError(f"a {self.algorithm} checksum has {DIGEST_LENGTHS[self.algorithm]} hexadecimal digits, "
+                             f"this one has {len(self.value)}: copy it whole")
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.algorithm} {self.value}"
+
+
 class RequestedBy(BaseModel):
     """Who the operation acts as: set by the image API from the caller's token (or, for an operator
     starting a deployment from the Prefect UI, the administrator). Their groups and rights are read
@@ -56,6 +77,7 @@ class UploadRequest(RequestedBy):
     path: str | None = Field(default=None, description="A file on the worker to stage first (server-side read)")
     upload_id: SkipJsonSchema[str | None] = Field(default=None, description="Id of the staged object; default: the flow run id")
     expected_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
+    checksum: Checksum | None = Field(default=None, description="A published checksum the bytes must have")
     client_path: str | None = Field(
         default=None, description="The local file the CLI staged; `retry` re-stages it if the staged object is gone",
     )

@@ -49,6 +49,64 @@ staged_inspections = sa.Table(
 )
 
 
+# An upload sent part by part (a resumable upload session): the staged object is an S3 multipart
+# upload, kept until its TTL (the staging record's) or completion. Who may send it is the staging
+# record's owner; the client's idempotency key finds it again after the client died.
+upload_sessions = sa.Table(
+    "upload_sessions",
+    metadata,
+    sa.Column("upload_id", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(128), nullable=False),
+    sa.Column("idempotency_key", sa.String(128)),
+    sa.Column("fingerprint", sa.String(64), nullable=False),
+    sa.Column("multipart_id", sa.Text, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("part_size", sa.BigInteger, nullable=False),
+    sa.Column("parameters", sa.JSON, nullable=False),
+    sa.Column("flow_run_id", sa.String(64)),  # set once completed: the upload flow took it over
+    sa.UniqueConstraint("owner", "idempotency_key", name="upload_sessions_owner_key"),
+)
+
+
+# The parts of a session the service stored, by the ETag of their latest copy: what completion
+# joins. (Not the store's part listing: SeaweedFS keeps every copy of a part sent twice and may
+# list the first.)
+upload_parts = sa.Table(
+    "upload_parts",
+    metadata,
+    sa.Column("upload_id", sa.String(64), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("etag", sa.String(255), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class UploadSession:
+    """An upload sent part by part: `size` bytes in parts of `part_size` (the last one shorter)."""
+
+    staged: "StagedUpload"
+    idempotency_key: str | None
+    fingerprint: str
+    multipart_id: str
+    size: int
+    part_size: int
+    parameters: dict
+    flow_run_id: str | None
+
+    @property
+    def upload_id(self) -> str:
+        return self.staged.upload_id
+
+    @property
+    def part_count(self) -> int:
+        return max(1, -(-self.size // self.part_size))
+
+    def part_length(self, number: int) -> int:
+        """The size part `number` (1-based) must have."""
+        return min(self.part_size, self.size - (number - 1) * self.part_size)
+
+
 @dataclass(frozen=True)
 class StagedInspection:
     """The format, sizes and sha256 of the staged object of ETag `etag`, found as it was staged."""
@@ -88,6 +146,8 @@ def _ensure_table(engine: sa.Engine) -> sa.Engine:
     catalog was opened before this module was imported."""
     staging_records.create(engine, checkfirst=True)
     staged_inspections.create(engine, checkfirst=True)
+    upload_sessions.create(engine, checkfirst=True)
+    upload_parts.create(engine, checkfirst=True)
     return engine
 
 
@@ -134,7 +194,68 @@ class StagingRecords:
             gone = bool(conn.execute(query).rowcount)
             if gone or recorded_at is None:
                 conn.execute(staged_inspections.delete().where(staged_inspections.c.upload_id == upload_id))
+                conn.execute(upload_sessions.delete().where(upload_sessions.c.upload_id == upload_id))
+                conn.execute(upload_parts.delete().where(upload_parts.c.upload_id == upload_id))
             return gone
+
+    def open_session(self, staged: StagedUpload, *, idempotency_key: str | None, fingerprint: str,
+                     multipart_id: str, size: int, part_size: int, parameters: dict) -> UploadSession | None:
+        """Record a session of the staged upload `staged` (recorded before); None when its owner
+        already has one under `idempotency_key` (a racing request opened it: use that one)."""
+        session = UploadSession(staged=staged, idempotency_key=idempotency_key, fingerprint=fingerprint,
+                                multipart_id=multipart_id, size=size, part_size=part_size, parameters=parameters,
+                                flow_run_id=None)
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(upload_sessions.insert().values(
+                    upload_id=staged.upload_id, owner=staged.owner, idempotency_key=idempotency_key,
+                    fingerprint=fingerprint, multipart_id=multipart_id, size=size, part_size=part_size,
+                    parameters=parameters))
+        except sa.exc.IntegrityError:
+            return None
+        return session
+
+    def _session_where(self, *where) -> UploadSession | None:
+        query = sa.select(upload_sessions, staging_records).join(
+            staging_records, staging_records.c.upload_id == upload_sessions.c.upload_id).where(*where)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        data = row._mapping
+        staged = StagedUpload(**{c.name: (as_utc(data[c]) if c.name == "recorded_at" else data[c])
+                                 for c in staging_records.c})
+        return UploadSession(staged=staged, **{c.name: data[c] for c in upload_sessions.c
+                                              if c.name not in ("upload_id", "owner")})
+
+    def session(self, upload_id: str, owner: str) -> UploadSession | None:
+        """`owner`'s session `upload_id` (None when there is none, or it is someone else's)."""
+        return self._session_where(upload_sessions.c.upload_id == upload_id, upload_sessions.c.owner == owner)
+
+    def session_by_key(self, owner: str, idempotency_key: str) -> UploadSession | None:
+        return self._session_where(upload_sessions.c.owner == owner,
+                                   upload_sessions.c.idempotency_key == idempotency_key)
+
+    def part_stored(self, upload_id: str, number: int, etag: str, size: int) -> None:
+        """Part `number` of the session was stored (again) as `etag`; the staging clock starts again."""
+        with self.engine.begin() as conn:
+            conn.execute(upload_parts.delete().where(upload_parts.c.upload_id == upload_id,
+                                                     upload_parts.c.number == number))
+            conn.execute(upload_parts.insert().values(upload_id=upload_id, number=number, etag=etag, size=size))
+            conn.execute(staging_records.update().where(staging_records.c.upload_id == upload_id)
+                         .values(recorded_at=utcnow()))
+
+    def stored_parts(self, upload_id: str) -> dict[int, tuple[str, int]]:
+        """The session's stored parts: number -> (ETag, size)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(upload_parts).where(upload_parts.c.upload_id == upload_id))
+            return {row.number: (row.etag, row.size) for row in rows}
+
+    def session_started(self, upload_id: str, flow_run_id: str) -> None:
+        """The session was completed and `flow_run_id` registers its bytes."""
+        with self.engine.begin() as conn:
+            conn.execute(upload_sessions.update().where(upload_sessions.c.upload_id == upload_id)
+                         .values(flow_run_id=flow_run_id))
 
     def record_inspection(self, upload_id: str, inspection: StagedInspection) -> None:
         """What the bytes staged for `upload_id` were (replacing what an earlier staging found)."""

@@ -78,7 +78,7 @@ def remote_param() -> dict[str, Any]:
     return {} if _remote is None else {"remote": str(_remote).lower()}
 
 
-def _raise_for(response: httpx.Response) -> None:
+def raise_for_answer(response: httpx.Response) -> None:
     if response.is_success:
         return
     response.read()
@@ -113,7 +113,7 @@ class Api:
                     raise self._unanswered(exc) from None
             except httpx.TransportError as exc:
                 raise self._unanswered(exc) from None
-        _raise_for(response)
+        raise_for_answer(response)
         return response.json() if response.content else None
 
     def _unanswered(self, exc: Exception) -> HcxError:
@@ -150,7 +150,7 @@ class Api:
                          timeout=httpx.Timeout(None, connect=10))
 
     def stream(self, path: str):
-        """A streaming GET (use as a context manager; `_raise_for` already checked it)."""
+        """A streaming GET (use as a context manager; `raise_for_answer` already checked it)."""
         return _Stream(self, path)
 
 
@@ -162,7 +162,7 @@ class _Stream:
         self._context = self.api.http.stream("GET", self.path, timeout=httpx.Timeout(None, connect=10))
         response = self._context.__enter__()
         try:
-            _raise_for(response)
+            raise_for_answer(response)
         except BaseException:
             self._context.__exit__(None, None, None)
             raise

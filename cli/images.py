@@ -63,6 +63,9 @@ def create(
     idempotency_key: Optional[str] = typer.Option(
         None, "--idempotency-key", help="Send the same create again with this key and get the first one's image "
         "(default: made from the name and the file's path, size and mtime, or the size of an empty image)"),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="The file's published sha256: checked as it arrives"),
+    sha1: Optional[str] = typer.Option(None, "--sha1", help="The file's published sha1 (instead of --sha256)"),
+    md5: Optional[str] = typer.Option(None, "--md5", help="The file's published md5 (instead of --sha256)"),
 ) -> None:
     """Register an image from a local file (sent to the image API with a progress bar, then copied
     by a flow), or with --size an empty OS or DATABLOCK image. Sending the same create again (after
@@ -85,14 +88,37 @@ def create(
     driver = precheck_file(path, driver)  # refuse a wrong file before sending it (the service inspects again)
     params = {"name": name, "type": type_.value, "datastore": datastore, "persistent": persistent, "bus": bus.value,
               "driver": driver.value, "description": description, "skip_capacity_check": skip_capacity_check,
-              "client_path": str(path.resolve())}
+              "client_path": str(path.resolve()), "sha256": sha256, "sha1": sha1, "md5": md5}
     stat = path.stat()
     key = idempotency_key or derived_key("file", name, params["client_path"], stat.st_size, stat.st_mtime_ns)
-    started = api.post("/images/upload/check", None, size=stat.st_size, headers={IDEMPOTENCY_HEADER: key}, **params)
-    if started is None:  # not sent before: send it now
-        with transfer_bar(f"uploading {path.name}", stat.st_size) as advance:
-            started = api.send_file("/images/upload", path, params={**params, **remote_param()}, progress=advance,
-                                    headers={IDEMPOTENCY_HEADER: key})
+    # A session: sent again (the same key), it is the same one, and only the parts it lacks are sent.
+    session = api.post("/uploads", {**params, "size": stat.st_size}, headers={IDEMPOTENCY_HEADER: key})
+    if "upload_id" in session:
+        from cli.uploads import remember, send_parts
+
+        remember(session["upload_id"], path.resolve(), api.base_url)
+        started = send_parts(api, session, path)
+    else:  # completed before: its flow run
+        started = session
+    report_new_image(api, started["flow_run_id"], wait=wait)
+
+
+@app.command("upload-resume")
+@refusals_exit_1
+def upload_resume(
+    upload_id: str = typer.Argument(..., help="The upload's id (printed when it started; "
+                                    "`ls $HCX_HOME/uploads` lists the unfinished ones)"),
+    path: Optional[Path] = typer.Option(None, "--path", help="The file (default: the one the upload started with)"),
+    wait: bool = typer.Option(False, "--wait", help="Follow the flow; exit 0 on READY, 1 on ERROR"),
+) -> None:
+    """Finish an upload cut off with its client (killed, rebooted): only the parts the service lacks
+    are sent."""
+    from cli.uploads import remembered_file, send_parts
+
+    file = remembered_file(upload_id, path)
+    api = Api()
+    session = api.get(f"/uploads/{upload_id}")
+    started = send_parts(api, session, file)
     report_new_image(api, started["flow_run_id"], wait=wait)
 
 

@@ -12,14 +12,18 @@ qcow2 header's virtual size must be a positive number no larger than Settings.ma
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable
 
 from oslo_utils.imageutils import format_inspector
 
-from catalog.model import DiskFormat, Refused, human_size
+from catalog.model import ChecksumMismatch, DiskFormat, Refused, human_size
 from catalog.settings import get_settings
+
+if TYPE_CHECKING:  # the CLI prechecks files with this module: no pydantic models imported for it
+    from catalog.requests import Checksum
 
 # What the hypervisor sees: an ISO 9660 file and a partitioned disk (GPT/MBR) are raw to the driver.
 _DRIVER_OF_DETECTED = {
@@ -184,28 +188,161 @@ class HashingReader:
         return self.digest.hexdigest()
 
 
-class InspectingReader:
-    """A read-only file over `stream` that detects the format, and hashes and counts the bytes, as
-    whoever reads it pulls them through (s3transfer sending them, say): the bytes are inspected on
-    their one way, never read again. `inspection()` once everything was read."""
+class StreamInspector:
+    """Inspection fed in order, chunk by chunk (`update`), from wherever the bytes are: detects the
+    format, hashes (sha256, and a published `checksum` to check) and counts. `inspection()` once
+    everything was fed. Bytes are looked at once, on their way, never read again."""
 
-    def __init__(self, stream: BinaryIO, progress: Callable[[int], None] | None = None):
-        self._wrapper = format_inspector.InspectWrapper(stream)
-        self._hashing = HashingReader(self._wrapper, progress)
+    def __init__(self, checksum: Checksum | None = None):
+        self._handed = b""
+        self._wrapper = format_inspector.InspectWrapper(self._Handed(self))
+        self._sha256 = hashlib.sha256()
+        self._checksum = checksum
+        self._checked = hashlib.new(checksum.algorithm) if checksum and checksum.algorithm != "sha256" else None
+        self.size = 0
 
-    def read(self, size: int = -1) -> bytes:
-        return self._hashing.read(size)
+    class _Handed:
+        """The wrapper's source: the chunk `update` hands it (oslo.utils' wrapper only pulls)."""
+
+        def __init__(self, inspector: "StreamInspector"):
+            self._inspector = inspector
+
+        def read(self, size: int = -1) -> bytes:
+            chunk, self._inspector._handed = self._inspector._handed, b""
+            return chunk
+
+    def update(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self._handed = chunk
+        self._wrapper.read(len(chunk))
+        self._sha256.update(chunk)
+        if self._checked is not None:
+            self._checked.update(chunk)
+        self.size += len(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    def check_checksum(self, origin: str) -> None:
+        """Refuse bytes whose published checksum does not match (IntegrityError: nothing is kept)."""
+        if self._checksum is None:
+            return
+        found = self.sha256 if self._checked is None else self._checked.hexdigest()
+        if found != self._checksum.value:
+            raise ChecksumMismatch(
+                f"{origin} has {self._checksum.algorithm} {found}, but {self._checksum.value} was given: the bytes "
+                "are not the ones published (damaged or replaced on the way, or the wrong checksum). Nothing was "
+                "kept; check the checksum and the source, and try again.")
 
     def inspection(self, *, declared: DiskFormat | None, origin: str) -> Inspection:
-        """Detect and safety-check the format, check the sizes: what the bytes read were."""
+        """Check the published checksum, detect and safety-check the format, check the sizes: what
+        the bytes fed were."""
         self._wrapper.close()
-        size = self._hashing.size
-        _refuse_empty(size, origin)
+        _refuse_empty(self.size, origin)
+        self.check_checksum(origin)
         found = _detected(self._wrapper, origin)
         driver = _driver_for(found, declared, origin)
-        virtual_size = _virtual_size(found, size, origin)
-        return Inspection(format=driver, detected=found.name, size=size, virtual_size=virtual_size,
-                          sha256=self._hashing.sha256)
+        virtual_size = _virtual_size(found, self.size, origin)
+        return Inspection(format=driver, detected=found.name, size=self.size, virtual_size=virtual_size,
+                          sha256=self.sha256)
+
+
+class HoldBudget:
+    """Bytes that parts waiting for their turn may hold, shared by every upload of a process."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if self.held + size > self.limit:
+                return False
+            self.held += size
+            return True
+
+    def give_back(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+
+class PartsInOrder:
+    """The parts of one upload, sent in parallel and in any order, inspected in order as they
+    arrive: the next part at once, a later one held (within `budget`) until its turn. A part the
+    budget cannot hold is not inspected here: `inspected_parts` then stops short, and whoever
+    completes the upload reads the rest back from the store (`resume_from`). So does a process
+    that never saw the first parts (it started after them)."""
+
+    def __init__(self, part_size: int, budget: HoldBudget, checksum: Checksum | None = None):
+        self.part_size = part_size
+        self.inspector = StreamInspector(checksum)
+        self.etags: list[str] = []  # of the parts inspected, in order
+        self._budget = budget
+        self._held: dict[int, tuple[bytes, str]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def inspected_parts(self) -> int:
+        return len(self.etags)
+
+    def feed(self, number: int, data: bytes, etag: str) -> None:
+        """Part `number` (1-based) was stored with `etag`."""
+        with self._lock:
+            if number <= self.inspected_parts:
+                return  # sent again after a cut: completion compares the ETags it inspected
+            if number > self.inspected_parts + 1:
+                if number in self._held:  # sent again while held: the newer copy counts
+                    self._budget.give_back(len(self._held.pop(number)[0]))
+                if self._budget.take(len(data)):
+                    self._held[number] = (data, etag)
+                return
+            self._inspect(data, etag)
+            while (following := self._held.pop(self.inspected_parts + 1, None)) is not None:
+                self._budget.give_back(len(following[0]))
+                self._inspect(*following)
+
+    def _inspect(self, data: bytes, etag: str) -> None:
+        self.inspector.update(data)
+        self.etags.append(etag)
+
+    def release(self) -> None:
+        """Give the held parts' bytes back to the budget (the upload completed or went away)."""
+        with self._lock:
+            for data, _ in self._held.values():
+                self._budget.give_back(len(data))
+            self._held.clear()
+
+    def resume_from(self, stored_etags: list[str]) -> int | None:
+        """The byte offset from which the completed object must be read to finish the inspection,
+        given the ETags of the parts it was made of; None when what was inspected is not a prefix
+        of it (a part was sent again with other bytes after it was inspected): start afresh."""
+        if stored_etags[:self.inspected_parts] != self.etags:
+            return None
+        return self.inspected_parts * self.part_size
+
+
+class InspectingReader:
+    """A read-only file over `stream` that inspects (`StreamInspector`) what whoever reads it pulls
+    through (s3transfer sending the bytes, say). `inspection()` once everything was read."""
+
+    def __init__(self, stream: BinaryIO, progress: Callable[[int], None] | None = None,
+                 checksum: Checksum | None = None):
+        self._stream = stream
+        self._progress = progress
+        self.inspector = StreamInspector(checksum)
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._stream.read(size)
+        self.inspector.update(chunk)
+        if self._progress is not None and chunk:
+            self._progress(len(chunk))
+        return chunk
+
+    def inspection(self, *, declared: DiskFormat | None, origin: str) -> Inspection:
+        return self.inspector.inspection(declared=declared, origin=origin)
 
 
 def inspect_stream(
@@ -215,10 +352,11 @@ def inspect_stream(
     origin: str,
     chunk_size: int,
     progress: Callable[[int], None] | None = None,
+    checksum: Checksum | None = None,
 ) -> Inspection:
     """Read a whole stream once: detect and safety-check the format, count and hash the bytes,
-    check the sizes."""
-    reader = InspectingReader(stream, progress)
+    check the sizes (and a published checksum)."""
+    reader = InspectingReader(stream, progress, checksum)
     while reader.read(chunk_size):
         pass
     return reader.inspection(declared=declared, origin=origin)

@@ -344,6 +344,8 @@ class CuttableProxy:
         self._server.settimeout(0.2)
         self._stop = False
         self.refused = 0
+        self.forwarded = 0  # bytes client -> server
+        self._cut_at: tuple[int, float] | None = None
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
@@ -360,6 +362,10 @@ class CuttableProxy:
                     pass
                 conn.close()
             self._conns.clear()
+
+    def cut_after(self, forwarded: int, seconds: float) -> None:
+        """`cut(seconds)` once `forwarded` bytes more went from clients to the server."""
+        self._cut_at = (self.forwarded + forwarded, seconds)
 
     def deny(self, pattern: bytes | None) -> None:
         self._deny = re.compile(pattern) if pattern else None
@@ -411,6 +417,10 @@ class CuttableProxy:
                     client.sendall(_ACCESS_DENIED)
                     break
                 upstream.sendall(data)
+                self.forwarded += len(data)
+                if self._cut_at is not None and self.forwarded >= self._cut_at[0]:
+                    seconds, self._cut_at = self._cut_at[1], None
+                    self.cut(seconds)
         except OSError:
             pass
         finally:
