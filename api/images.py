@@ -1,6 +1,7 @@
-"""The image verbs: list, show, create (upload or empty), clone, delete, retry, export and the
-byte-less ones. Each checks what the catalog decides, moves bytes or starts the operation's flow,
-and answers at once; a client follows a flow run through /runs/{id}."""
+"""The image verbs: list, show, create (upload, import from a URL or an S3 object, or empty),
+clone, delete, retry, export and the byte-less ones. Each checks what the catalog decides, moves
+bytes or starts the operation's flow, and answers at once; a client follows a flow run through
+/runs/{id}."""
 
 from __future__ import annotations
 
@@ -10,28 +11,28 @@ from typing import Annotated, Callable, Iterator
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import ConfigDict, Field, model_validator
 
 from api.auth import Caller
 from api.bodies import BodyReader, declared_length
 from api.runs import run_left_no_image
-from api.shapes import Remote, Started, Strict
-from blocks.datastore import ObjectRef, S3Datastore, load_datastore
+from api.shapes import PublishedChecksum, Remote, Started, Strict
+from blocks.datastore import ObjectRef, S3Datastore, load_datastore, service_buckets
 from catalog import operations, rules
 from catalog.identity import open_directory
 from catalog.idempotency import MAX_KEY_LENGTH, Claim, fingerprint, open_idempotency_keys
-from catalog.model import Bus, DiskFormat, Image, ImageType, IntegrityError, Operation, Refused, parse_size
+from catalog.model import Bus, DiskFormat, Image, ImageType, IntegrityError, NotFound, Operation, Refused, parse_size
 from catalog.permissions import Actor, Right
 from catalog.requests import (
-    Checksum, CloneRequest, CreateEmptyRequest, DeleteRequest, Description, ImageName, UploadRequest, check_empty_size,
-    rerun_request,
+    Checksum, CloneRequest, CreateEmptyRequest, DeleteRequest, Description, ImageName, ImageUrl, S3Uri, UploadRequest,
+    check_empty_size, rerun_request,
 )
 from catalog.settings import get_settings
-from catalog.staging import StagedInspection, open_staging
 from catalog.store import Catalog, open_catalog
 from flows.launcher import submit
 from tasks import qemu
 from tasks.inspection import Inspection, InspectingReader
+from tasks.objects import drop_staged, record_inspection, record_staging
 
 router = APIRouter(prefix="/api/v1", tags=["images"])
 
@@ -132,7 +133,7 @@ def export_image(image_id: ImageId, actor: Caller) -> StreamingResponse:
 
 # --- creating ---------------------------------------------------------------------------------
 
-class UploadParameters(BaseModel):
+class UploadParameters(PublishedChecksum):
     """What an upload says about itself (query parameters; the body is the file)."""
 
     name: ImageName
@@ -145,16 +146,6 @@ class UploadParameters(BaseModel):
     skip_capacity_check: bool = False
     client_path: str | None = Field(default=None, max_length=4096,
                                     description="Where the client's file is: `retry` asks for it again")
-    sha256: str | None = Field(default=None, pattern="^[0-9a-fA-F]{64}$", description="Published sha256 to check")
-    sha1: str | None = Field(default=None, pattern="^[0-9a-fA-F]{40}$", description="Published sha1 to check")
-    md5: str | None = Field(default=None, pattern="^[0-9a-fA-F]{32}$", description="Published md5 to check")
-
-    def checksum(self) -> Checksum | None:
-        """The one published checksum given, checked on the bytes as they arrive."""
-        given = {name: value for name in ("sha256", "sha1", "md5") if (value := getattr(self, name))}
-        if len(given) > 1:
-            raise Refused(f"Give one checksum, not {len(given)} ({', '.join(sorted(given))}): the strongest you have.")
-        return next((Checksum(algorithm=name, value=value) for name, value in given.items()), None)
 
 
 def prepare_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[S3Datastore, ObjectRef, UploadRequest]:
@@ -162,8 +153,7 @@ def prepare_upload(actor: Actor, params: UploadParameters, size: int) -> tuple[S
     datastore, store = upload_allowed(actor, params, size)
     upload_id = uuid.uuid4().hex  # made here, never by a client
     staged = store.staging_ref(upload_id)
-    open_staging().record(upload_id=upload_id, datastore=datastore, bucket=staged.bucket, key=staged.key,
-                          owner=actor.user, group=actor.group)
+    record_staging(staged, upload_id, owner=actor.user, group=actor.group)
     request = UploadRequest(
         owner=actor.user, name=params.name, type=params.type, datastore=datastore, persistent=params.persistent,
         bus=params.bus, driver=params.driver, description=params.description, upload_id=upload_id,
@@ -220,13 +210,6 @@ async def _stage_body(request: Request, store: S3Datastore, staged: ObjectRef, l
     return inspection
 
 
-def record_inspection(upload_id: str, etag: str, inspection: Inspection) -> None:
-    """What the bytes staged for `upload_id` (the object of `etag`) were: the upload flow trusts it."""
-    open_staging().record_inspection(upload_id, StagedInspection(
-        etag=etag, size=inspection.size, sha256=inspection.sha256, format=inspection.format,
-        detected=inspection.detected, virtual_size=inspection.virtual_size))
-
-
 @router.post("/images/upload", status_code=202, response_model=Started,
              summary="Create an image from the request body (the file); answers once it is staged",
              openapi_extra={"requestBody": {"required": True, "content": {
@@ -262,11 +245,6 @@ async def _upload(request: Request, actor: Actor, params: UploadParameters, leng
         if not started:  # nothing may stay behind a refused or interrupted upload
             await run_in_threadpool(drop_staged, store, staged, upload.upload_id)
     return _started(flow_run_id)
-
-
-def drop_staged(store: S3Datastore, staged: ObjectRef, upload_id: str) -> None:
-    store.delete(staged)
-    open_staging().forget(upload_id)
 
 
 class EmptyImage(Strict):
@@ -305,6 +283,79 @@ def _create_empty(body: EmptyImage, actor: Actor, remote: bool | None) -> Starte
         skip_capacity_check=body.skip_capacity_check, object_id=uuid.uuid4().hex,
     )
     return _started(submit("create-empty", {"request": request.model_dump(mode="json")}, remote=remote))
+
+
+class ImportImage(PublishedChecksum, Strict):
+    """An image the service fetches itself: from an http(s) URL, or an S3 object read with a
+    datastore's endpoint and keys. It is registered once fetched (its size and format known)."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may carry a password: never echoed
+
+    name: ImageName
+    type: ImageType = ImageType.OS
+    datastore: str | None = Field(default=None, max_length=128, description="Default: HCX_DEFAULT_DATASTORE")
+    persistent: bool = False
+    bus: Bus = Bus.VIRTIO
+    driver: DiskFormat | None = Field(default=None, description="raw or qcow2; must match the bytes")
+    description: Description = ""
+    skip_capacity_check: bool = False
+    url: ImageUrl | None = Field(default=None, description="An http(s) URL that needs no credentials")
+    s3: S3Uri | None = Field(default=None, description="s3://BUCKET/KEY (not a bucket of this service's datastores, "
+                                                       "but for administrators)")
+    s3_datastore: str | None = Field(default=None, max_length=128,
+                                     description="The datastore whose keys read `s3`; default: `datastore`")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ImportImage":
+        if (self.url is None) == (self.s3 is None):
+            raise ValueError("give one source: `url` (http or https) or `s3` (s3://BUCKET/KEY)")
+        if self.s3_datastore is not None and self.s3 is None:
+            raise ValueError("`s3_datastore` says which datastore's keys read `s3`: give it with `s3` only")
+        return self
+
+
+@router.post("/images/import", status_code=202, response_model=Started,
+             summary="Create an image from an http(s) URL or an S3 object, fetched by the service; follow the flow "
+                     "run: the image appears once its bytes are fetched")
+def import_image(body: ImportImage, actor: Caller, remote: Remote = None,
+                 idempotency_key: IdempotencyKey = None) -> Started:
+    claim = claim_key(actor, idempotency_key, "import", body.model_dump(mode="json"))
+    return _once(claim, lambda: _import(body, actor, remote))
+
+
+def _import(body: ImportImage, actor: Actor, remote: bool | None) -> Started:
+    """Every check that can refuse before a byte is fetched (the flow checks them all again), then
+    the upload flow, which fetches, inspects and registers."""
+    checksum = body.checksum()
+    datastore = body.datastore or get_settings().default_datastore
+    store = load_datastore(datastore)
+    catalog().check_new_image(actor, name=body.name, type_=body.type, persistent=body.persistent)
+    required = _source_size(actor, body, datastore)
+    catalog().check_capacity(actor, datastore=datastore, limit_bytes=store.limit_bytes, required=required,
+                             skip=body.skip_capacity_check)
+    catalog().check_quota(owner=actor.user, group=actor.group, datastore=datastore, required_bytes=required)
+    request = UploadRequest(
+        owner=actor.user, name=body.name, type=body.type, datastore=datastore, persistent=body.persistent,
+        bus=body.bus, driver=body.driver, description=body.description, url=body.url, s3_uri=body.s3,
+        s3_datastore=body.s3_datastore, checksum=checksum, skip_capacity_check=body.skip_capacity_check,
+        upload_id=uuid.uuid4().hex,  # made here, never by a client: /runs finds the image by it
+    )
+    return _started(submit("upload", {"request": request.model_dump(mode="json")}, remote=remote))
+
+
+def _source_size(actor: Actor, body: ImportImage, datastore: str) -> int:
+    """The bytes the image will take, as far as they are known now: an S3 object's size (its bucket
+    allowed to this caller, the object there); 0 for a URL, whose length only the fetch tells."""
+    if body.s3 is None:
+        return 0
+    source = ObjectRef.parse(body.s3_datastore or datastore, body.s3)
+    source_store = load_datastore(source.datastore)
+    rules.check_import_bucket(actor, source.bucket, service_buckets())
+    try:
+        return source_store.head(source).size
+    except NotFound:
+        raise NotFound(f"There is no object {source} where datastore {source.datastore} reads: check the bucket "
+                       "and the key (and which datastore's endpoint and keys read it, s3_datastore).") from None
 
 
 class Clone(Strict):
@@ -356,7 +407,7 @@ def _staged_bytes_gone(image: Image) -> tuple[S3Datastore, ObjectRef, UploadRequ
     if last is None or last.op is not Operation.UPLOAD:
         return None
     request = UploadRequest.model_validate(last.request)
-    if request.path:  # a file on the worker: the flow stages it again itself
+    if request.fetched_by_flow:  # a file on the worker, a URL, an S3 object: the flow stages it again itself
         return None
     store = load_datastore(request.datastore)
     staged = store.staging_ref(last.upload_id)
@@ -389,8 +440,7 @@ async def _restage(request: Request, image: Image, store: S3Datastore, staged: O
         raise Refused(f"{refused} and the file sent has {length} bytes, the image recorded {image.size}: "
                       "send the same file, or delete the image and upload again.")
     last = image.last_operation
-    open_staging().record(upload_id=last.upload_id, datastore=upload.datastore, bucket=staged.bucket,
-                          key=staged.key, owner=image.owner, group=image.group)
+    record_staging(staged, last.upload_id, owner=image.owner, group=image.group)
     try:
         digest = (await _stage_body(request, store, staged, length, upload_id=last.upload_id,
                                     declared=image.format)).sha256

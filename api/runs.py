@@ -35,7 +35,8 @@ def _image_of(parameters: dict) -> Image | None:
 def _clean(message: str) -> str:
     for prefix in ("Flow run encountered an exception: ", "Task run encountered an exception: "):
         message = message.replace(prefix, "")
-    for type_name in ("Refused: ", "NotFound: ", "IntegrityError: ", "StorageError: ", "PermissionDenied: "):
+    for type_name in ("Refused: ", "NotFound: ", "IntegrityError: ", "ChecksumMismatch: ", "StorageError: ",
+                      "PermissionDenied: ", "HcxError: "):
         message = message.replace(type_name, "")
     return message.strip()
 

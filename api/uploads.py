@@ -26,10 +26,7 @@ from pydantic import BaseModel, Field
 import anyio
 
 from api.auth import Caller
-from api.images import (
-    IdempotencyKey, UploadParameters, claim_key, drop_staged, record_inspection, settle_key, release_key,
-    upload_allowed,
-)
+from api.images import IdempotencyKey, UploadParameters, claim_key, settle_key, release_key, upload_allowed
 from api.runs import run_left_no_image
 from api.shapes import Remote, Started, Strict
 from blocks.datastore import MAX_PARTS, ObjectRef, S3Datastore, load_datastore
@@ -41,6 +38,7 @@ from catalog.settings import MiB, S3_MAX_OBJECT, get_settings
 from catalog.staging import UploadSession, open_staging
 from flows.launcher import submit
 from tasks.inspection import HoldBudget, PartsInOrder
+from tasks.objects import drop_staged, record_inspection
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 

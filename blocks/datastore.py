@@ -392,3 +392,8 @@ def all_datastores() -> dict[str, S3Datastore]:
     with get_client(sync_client=True) as client:
         documents = client.read_block_documents_by_type(S3Datastore.get_block_type_slug())
     return {doc.name: load_datastore(doc.name) for doc in documents}
+
+
+def service_buckets() -> set[str]:
+    """Every bucket a datastore of this service keeps images or staged uploads in."""
+    return {bucket for store in all_datastores().values() for bucket in (store.bucket, store.staging_bucket) if bucket}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Callable, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from catalog import rules
@@ -52,6 +54,42 @@ class Checksum(BaseModel):
         return f"{self.algorithm} {self.value}"
 
 
+# Sources the service fetches itself. Checked here for their shape (the image API's 422, a deployment's
+# parameters); what the fetch may reach is tasks/url_source.py's concern. A URL is never echoed back:
+# it may carry a password.
+IMPORT_SCHEMES = ("http", "https")
+S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _image_url(value: str) -> str:
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        raise ValueError("the image URL is not a valid URL: give an http:// or https:// URL") from None
+    if parts.scheme.lower() not in IMPORT_SCHEMES:
+        got = f"not {parts.scheme}://" if parts.scheme else "and this one has no scheme"
+        raise ValueError(f"images are imported from http:// or https:// URLs only, {got}: give an http(s) URL")
+    if "@" in parts.netloc:
+        raise ValueError("the image URL carries a user name or password (user:pass@...), which would end up in "
+                         "logs: give a URL that needs none (a pre-signed URL, say)")
+    if not host:
+        raise ValueError("the image URL has no host: give a full URL such as https://host/image.qcow2")
+    return value
+
+
+def _s3_uri(value: str) -> str:
+    bucket, slash, key = value.removeprefix("s3://").partition("/")
+    if not value.startswith("s3://") or not slash or not key or not S3_BUCKET.fullmatch(bucket):
+        raise ValueError("an S3 source is s3://BUCKET/KEY (a bucket name of 3 to 63 lowercase letters, digits, "
+                         "dots and dashes, then the object's key)")
+    return value
+
+
+ImageUrl = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_image_url)]
+S3Uri = Annotated[str, Field(min_length=1, max_length=1100), AfterValidator(_s3_uri)]
+
+
 class RequestedBy(BaseModel):
     """Who the operation acts as: set by the image API from the caller's token (or, for an operator
     starting a deployment from the Prefect UI, the administrator). Their groups and rights are read
@@ -65,7 +103,10 @@ class RequestedBy(BaseModel):
 
 
 class UploadRequest(RequestedBy):
-    """Register an image from bytes already staged (by the CLI or an external tool) or a local path."""
+    """Register an image from bytes already staged (by the image API or an external tool), or from a
+    source the flow reads itself: a file on the worker, an http(s) URL or an S3 object."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may carry a password: never echoed
 
     name: ImageName
     type: ImageType = ImageType.OS
@@ -75,6 +116,12 @@ class UploadRequest(RequestedBy):
     driver: DiskFormat | None = Field(default=None, description="raw or qcow2; must match the bytes (None: detected)")
     description: Description = ""
     path: str | None = Field(default=None, description="A file on the worker to stage first (server-side read)")
+    url: ImageUrl | None = Field(default=None, description="An http(s) URL to fetch the image from")
+    s3_uri: S3Uri | None = Field(default=None, description="An S3 object to read the image from: s3://BUCKET/KEY")
+    s3_datastore: str | None = Field(
+        default=None, max_length=128,
+        description="The datastore whose endpoint and credentials read s3_uri; default: `datastore`",
+    )
     upload_id: SkipJsonSchema[str | None] = Field(default=None, description="Id of the staged object; default: the flow run id")
     expected_sha256: str | None = Field(default=None, pattern="^[0-9a-f]{64}$")
     checksum: Checksum | None = Field(default=None, description="A published checksum the bytes must have")
@@ -82,6 +129,27 @@ class UploadRequest(RequestedBy):
         default=None, description="The local file the CLI staged; `retry` re-stages it if the staged object is gone",
     )
     skip_capacity_check: bool = Field(default=False, description="Administrators only: ignore the datastore's limit")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "UploadRequest":
+        given = [name for name in ("path", "url", "s3_uri") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"give one source of the bytes, not {' and '.join(given)}: path (a file on the worker), "
+                             "url or s3_uri")
+        if self.s3_datastore is not None and not self.s3_uri:
+            raise ValueError("s3_datastore says which datastore's keys read s3_uri: give it with s3_uri only")
+        return self
+
+    @property
+    def fetched_by_flow(self) -> bool:
+        """Whether the flow reads the bytes itself (a file on the worker, a URL, an S3 object): a
+        retry reads them again, no client sends them."""
+        return bool(self.path or self.url or self.s3_uri)
+
+    @property
+    def source_datastore(self) -> str:
+        """The datastore whose endpoint and credentials read `s3_uri`."""
+        return self.s3_datastore or self.datastore
 
 
 class CreateRequestFields(RequestedBy):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Collection
 
 from catalog.model import (
     Bus, Changes, DiskFormat, Image, ImageState, ImageType, Operation, OperationRecord, PermissionDenied, Quota,
@@ -556,6 +557,20 @@ def check_staging_target(image: Image | None, run_id: str | None) -> None:
     if not carrying_on:
         raise Refused(f"Upload {image.upload_id} already belongs to image {image.id} ({image.state.value}): "
                       "nothing was staged; start a new upload.")
+
+
+def check_import_bucket(actor: Actor, bucket: str, service_buckets: Collection[str]) -> None:
+    """A tenant imports from buckets of its own, never from one where this service keeps images or
+    staged uploads (any datastore's): read with the service's keys, it would hand them other
+    tenants' bytes. Administrators may. Buckets are compared by name, whatever the endpoint: two
+    spellings of one endpoint must not open a way round the rule."""
+    if actor.is_admin or bucket not in service_buckets:
+        return
+    raise PermissionDenied(
+        f"User {actor.user} may not import from bucket {bucket}: hcx-images keeps images or staged uploads "
+        "there, and only administrators may import from the service's own buckets (other tenants' images lie "
+        "in them). Import from a bucket of your own, or clone an image you may use (`hcx-image clone`)."
+    )
 
 
 def check_export(image: Image) -> None:

@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         description="Reconcile removes a recorded upload never registered (and staged bytes no image uses "
         "any more) once this old; objects no staging record or image knows are only reported.",
     )
+    url_allow_networks: str | None = Field(
+        default=None,
+        description="Networks (a JSON list of CIDRs, e.g. [\"10.20.0.0/16\"]) that images imported from a URL may "
+        "come from although they are not globally routable (private, loopback, link-local); default: none.",
+    )
     remote: bool = Field(
         default=False, description="Send operations through the Prefect deployments (worker)."
     )

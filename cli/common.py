@@ -140,12 +140,16 @@ def wait_for_image(api: Api, flow_run_id: str, *, until_settled: bool) -> dict:
                    f"{ended}: {message.rstrip('.')}. `hcx-image reconcile --wait` settles it.")
 
 
-def report_new_image(api: Api, flow_run_id: str, *, wait: bool) -> None:
-    """Say which flow run makes the new image, then its id as soon as it is recorded (at once, with
-    --remote: a worker picks the run up when it may); with `wait`, follow it until it settles (exit
+def report_new_image(api: Api, flow_run_id: str, *, wait: bool, registered_once_fetched: bool = False) -> None:
+    """Say which flow run makes the new image, then its id as soon as it is recorded (not waited
+    for with --remote, where a worker picks the run up when it may, nor for an image the service
+    fetches, which is registered only once fetched); with `wait`, follow it until it settles (exit
     0 on READY, 1 on ERROR)."""
     say(f"FLOW RUN: {flow_run_id}")
-    if remote_requested() and not wait:
+    if registered_once_fetched and not wait:
+        say("the image is registered once the service has fetched its bytes: `hcx-image list` shows it then "
+            "(--wait follows it)")
+    if (remote_requested() or registered_once_fetched) and not wait:
         return
     image = wait_for_image(api, flow_run_id, until_settled=False)
     say(f"ID: {image['id']}")

@@ -49,6 +49,12 @@ def create(
     type_: ImageType = typer.Option(ImageType.OS, "--type", case_sensitive=False),
     datastore: str = typer.Option(None, "--datastore", help="Image datastore (default: the service's default)"),
     path: Path = typer.Option(None, "--path", help="Local file to upload"),
+    url: Optional[str] = typer.Option(None, "--url", help="Instead of --path: an http(s) URL the service fetches "
+                                      "the image from (no user:password@; a pre-signed URL, say)"),
+    s3: Optional[str] = typer.Option(None, "--s3", metavar="s3://BUCKET/KEY",
+                                     help="Instead of --path: an S3 object the service reads the image from"),
+    s3_datastore: Optional[str] = typer.Option(None, "--s3-datastore", help="The datastore whose endpoint and keys "
+                                               "read --s3 (default: --datastore)"),
     persistent: bool = typer.Option(False, "--persistent"),
     bus: Bus = typer.Option(Bus.VIRTIO, "--bus", case_sensitive=False),
     driver: Optional[DiskFormat] = typer.Option(None, "--driver", case_sensitive=False,
@@ -62,17 +68,35 @@ def create(
     wait: bool = typer.Option(False, "--wait", help="Follow the flow; exit 0 on READY, 1 on ERROR"),
     idempotency_key: Optional[str] = typer.Option(
         None, "--idempotency-key", help="Send the same create again with this key and get the first one's image "
-        "(default: made from the name and the file's path, size and mtime, or the size of an empty image)"),
+        "(default: made from the name and the file's path, size and mtime, the URL or S3 object, or the size of "
+        "an empty image)"),
     sha256: Optional[str] = typer.Option(None, "--sha256", help="The file's published sha256: checked as it arrives"),
     sha1: Optional[str] = typer.Option(None, "--sha1", help="The file's published sha1 (instead of --sha256)"),
     md5: Optional[str] = typer.Option(None, "--md5", help="The file's published md5 (instead of --sha256)"),
 ) -> None:
     """Register an image from a local file (sent to the image API with a progress bar, then copied
-    by a flow), or with --size an empty OS or DATABLOCK image. Sending the same create again (after
-    a timeout, say) returns the same image."""
-    if (path is None) == (size is None):
-        raise typer.BadParameter("give --path FILE to upload a file, or --size SIZE for an empty image (not both)")
+    by a flow), from a URL or an S3 object the service fetches itself (--url, --s3), or with --size
+    an empty OS or DATABLOCK image. Sending the same create again (after a timeout, say) returns the
+    same image."""
+    sources = [option for option, value in (("--path", path), ("--url", url), ("--s3", s3), ("--size", size))
+               if value is not None]
+    if len(sources) != 1:
+        together = f"; not {' and '.join(sources)} together" if sources else ""
+        raise typer.BadParameter("give one of --path FILE (upload a file), --url URL or --s3 s3://BUCKET/KEY (the "
+                                 f"service fetches it), --size SIZE (an empty image){together}")
+    if s3_datastore is not None and s3 is None:
+        raise typer.BadParameter("--s3-datastore says which datastore's keys read --s3: give it with --s3 only")
     api = Api()
+    if url is not None or s3 is not None:
+        body = {"name": name, "type": type_.value, "datastore": datastore, "persistent": persistent,
+                "bus": bus.value, "driver": driver.value if driver else None, "description": description,
+                "skip_capacity_check": skip_capacity_check, "sha256": sha256, "sha1": sha1, "md5": md5,
+                "url": url, "s3": s3, "s3_datastore": s3_datastore}
+        key = idempotency_key or (derived_key("url", name, url) if url is not None
+                                  else derived_key("s3", name, s3, s3_datastore or ""))
+        started = api.post("/images/import", body, headers={IDEMPOTENCY_HEADER: key}, **remote_param())
+        report_new_image(api, started["flow_run_id"], wait=wait, registered_once_fetched=True)
+        return
     if size is not None:
         body = {"name": name, "type": type_.value, "size": size, "datastore": datastore, "persistent": persistent,
                 "bus": bus.value, "driver": (driver or DiskFormat.RAW).value, "description": description,

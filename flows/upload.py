@@ -1,5 +1,9 @@
 """Upload: stage -> register (LOCKED) -> copy into the datastore -> delete the staging object.
 
+Bytes are staged by the image API (a client's file), or by step 1 here from a source the flow
+reads itself: a file on the worker, an http(s) URL or an S3 object (import), inspected as they pass
+in the last two. An import is registered only once staged, when its size and format are known.
+
 The user gets the image id as soon as step 2 is recorded; steps 3-4 run on. The hooks move the
 image to READY, or to ERROR with "Error copying image in the datastore: <reason>". The staging
 object goes whatever the outcome, but for one case: an image registered in ERROR keeps its staged
@@ -22,7 +26,9 @@ from catalog.staging import open_staging
 from catalog.store import open_catalog
 from flows.hooks import fail_image, failure_exception, failure_reason, image_operation, owns, unlock_image
 from tasks.images import check_upload_request, record_source, register_upload
-from tasks.objects import copy_into_datastore, delete_object, inspect_staged, stage_local_file
+from tasks.objects import (
+    copy_into_datastore, delete_object, drop_staged, inspect_staged, stage_local_file, stage_s3_object, stage_url,
+)
 
 log = logging.getLogger("hcx.upload")
 
@@ -57,8 +63,7 @@ def _drop_staging(datastore: str, upload_id: str) -> None:
     """The staging object goes in all cases (reconcile sweeps it if even this fails)."""
     try:
         store = load_datastore(datastore)
-        store.delete(store.staging_ref(upload_id))
-        open_staging().forget(upload_id)
+        drop_staged(store, store.staging_ref(upload_id), upload_id)
     except HcxError:
         log.exception("could not delete the staging object of upload %s; reconcile will", upload_id)
 
@@ -70,12 +75,17 @@ def _run_name() -> str:
 
 @image_operation("upload", run_name=_run_name, on_failure=_on_failure, on_success=_on_success)
 def upload(request: UploadRequest) -> int:
-    """Register an image from staged bytes (or a file on the worker) and copy it into its datastore."""
+    """Register an image from staged bytes (or a file on the worker, a URL, an S3 object) and copy it
+    into its datastore."""
     upload_id = upload_id_of(request, flow_run.get_id())
     check_upload_request(request, upload_id)
     if request.path:
         stage_local_file(request.path, request.datastore, upload_id, owner=request.owner,
                          group=request.actor().group)
+    elif request.url:
+        stage_url(request, upload_id)
+    elif request.s3_uri:
+        stage_s3_object(request, upload_id)
     inspected = inspect_staged(request.datastore, upload_id, request.driver, request.expected_sha256)
     image = register_upload(request, upload_id, inspected)
     if not rules.awaits_operation(image):  # sent again after it had finished: nothing left to do

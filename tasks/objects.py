@@ -3,21 +3,89 @@
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
-from blocks.datastore import ObjectInfo, ObjectRef, S3Datastore, load_datastore
+from blocks.datastore import MAX_PARTS, ObjectInfo, ObjectRef, S3Datastore, load_datastore, service_buckets
 from catalog import rules
-from catalog.model import DiskFormat, Image, IntegrityError, StorageError
-from catalog.settings import get_settings
-from catalog.staging import open_staging
+from catalog.model import DiskFormat, HcxError, Image, IntegrityError, Refused, StorageError, human_size
+from catalog.requests import Checksum, UploadRequest
+from catalog.settings import S3_MAX_OBJECT, get_settings
+from catalog.staging import StagedInspection, open_staging
 from catalog.store import open_catalog
 from tasks import qemu, transfer
-from tasks.inspection import Inspection, inspect_stream
+from tasks.inspection import Inspection, InspectingReader, inspect_stream
 from tasks.progress import ProgressArtifact
 from tasks.retry import IO_TASK
+from tasks.url_source import UrlPolicy, UrlStream, open_url
+
+
+# --- staging: the first step of an upload ------------------------------------------------------
+
+def _staged_before(store: S3Datastore, staged: ObjectRef, upload_id: str) -> bool:
+    """Whether a retried upload keeps what it staged before: the size is the one its image
+    registered (the bytes' hash is checked when they are registered again). Refused, before
+    anything is staged, over a settled image's bytes or under another run's operation."""
+    registered = open_catalog().find_by_upload_id(upload_id)
+    rules.check_staging_target(registered, flow_run.get_id())
+    return registered is not None and store.exists(staged) and store.head(staged).size == registered.size
+
+
+def record_staging(staged: ObjectRef, upload_id: str, *, owner: str, group: str) -> None:
+    """Staged bytes are recorded (by `owner`) before their first byte is written, so that reconcile
+    may sweep them."""
+    open_staging().record(upload_id=upload_id, datastore=staged.datastore, bucket=staged.bucket, key=staged.key,
+                          owner=owner, group=group)
+
+
+def record_inspection(upload_id: str, etag: str, inspection: Inspection) -> None:
+    """What the bytes staged for `upload_id` (the object of `etag`) were, found as they were staged:
+    the upload flow trusts it (`inspect_staged`) instead of reading them back."""
+    open_staging().record_inspection(upload_id, StagedInspection(
+        etag=etag, size=inspection.size, sha256=inspection.sha256, format=inspection.format,
+        detected=inspection.detected, virtual_size=inspection.virtual_size))
+
+
+def drop_staged(store: S3Datastore, staged: ObjectRef, upload_id: str) -> None:
+    """Staged bytes and their records go: nothing stays of a refused or abandoned upload."""
+    store.delete(staged)
+    open_staging().forget(upload_id)
+
+
+@contextmanager
+def _nothing_left_on_failure(store: S3Datastore, staged: ObjectRef, upload_id: str) -> Iterator[None]:
+    """Whatever stops a staging (refused or mismatched bytes, a source that went away) drops what
+    it wrote and its record before the error goes on; a retry stages afresh."""
+    try:
+        yield
+    except BaseException:
+        try:
+            drop_staged(store, staged, upload_id)
+        except HcxError as exc:
+            get_run_logger().warning("Staged object %s stays for reconcile: %s", staged, exc)
+        raise
+
+
+def _stage_stream(source: BinaryIO, *, store: S3Datastore, staged: ObjectRef, upload_id: str, size: int | None,
+                  declared: DiskFormat | None, checksum: Checksum | None, origin: str,
+                  progress: ProgressArtifact) -> Inspection:
+    """Send `source` into the staged object through the inspector (format, safety, sizes, sha256,
+    the published checksum): the bytes pass once, and what was found is recorded for the object's
+    ETag. `size`: the source's announced length, if any (it sizes the parts)."""
+    reader = InspectingReader(source, progress, checksum)
+    stored = store.upload(reader, staged, size_hint=size)
+    inspection = reader.inspection(declared=declared, origin=origin)
+    if stored.size != inspection.size or size not in (None, inspection.size):
+        announced = f", {size} announced" if size is not None else ""
+        raise IntegrityError(f"Staging {origin} into {staged}: {inspection.size} bytes read, {stored.size} "
+                             f"stored{announced}: import it again.")
+    record_inspection(upload_id, stored.etag, inspection)
+    progress.finish()
+    return inspection
 
 
 @task(**IO_TASK)
@@ -28,16 +96,90 @@ def stage_local_file(path: str, datastore: str, upload_id: str, *, owner: str, g
     real = transfer.check_local_source(Path(path))
     store = load_datastore(datastore)
     staged = store.staging_ref(upload_id)
-    registered = open_catalog().find_by_upload_id(upload_id)
-    rules.check_staging_target(registered, flow_run.get_id())  # never over a registered image's bytes
-    if registered is not None and store.exists(staged) and store.head(staged).size == registered.size:
+    if _staged_before(store, staged, upload_id):
         return str(staged)
-    open_staging().record(upload_id=upload_id, datastore=datastore, bucket=staged.bucket, key=staged.key,
-                          owner=owner, group=group)
+    record_staging(staged, upload_id, owner=owner, group=group)
     progress = ProgressArtifact(real.stat().st_size, f"Staging {real.name} into {datastore}")
     transfer.stage_file(real, store, upload_id, progress=progress)
     progress.finish()
     return str(store.staging_ref(upload_id))
+
+
+def url_policy() -> UrlPolicy:
+    """How tenant URLs are fetched: only global addresses, and the networks of
+    HCX_URL_ALLOW_NETWORKS; at most what one datastore object holds (S3_MAX_OBJECT: the staged
+    image is one object; HCX_MAX_VIRTUAL_SIZE bounds what the image is, which the inspector judges
+    on the way, not its bytes)."""
+    return UrlPolicy.from_json(get_settings().url_allow_networks, max_bytes=S3_MAX_OBJECT)
+
+
+class _UnknownLength:
+    """A URL's body that announced no length: S3 takes it in parts of HCX_PART_SIZE, at most
+    MAX_PARTS of them, so it is refused past that (a clear refusal rather than S3's at part 10,001)."""
+
+    def __init__(self, stream: UrlStream):
+        self._stream = stream
+        self.limit = get_settings().part_size * MAX_PARTS
+        self.received = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._stream.read(size)
+        self.received += len(chunk)
+        if self.received > self.limit:
+            raise Refused(
+                f"{self._stream.final_url} announced no length (no Content-Length) and sent more than "
+                f"{human_size(self.limit)}, what an image of unknown length may be here ({MAX_PARTS} parts of "
+                "HCX_PART_SIZE): give a URL whose server announces the length, or have an administrator raise "
+                "HCX_PART_SIZE."
+            )
+        return chunk
+
+
+@task(**IO_TASK)
+def stage_url(request: UploadRequest, upload_id: str) -> str:
+    """Step 1 of an import from an http(s) URL: fetch it into the staging area (every hop checked,
+    tasks/url_source.py), inspected and hashed on the way and its published checksum checked;
+    recorded first so that reconcile may sweep it. A retried import keeps what it fetched before
+    (`_staged_before`)."""
+    store = load_datastore(request.datastore)
+    staged = store.staging_ref(upload_id)
+    if _staged_before(store, staged, upload_id):
+        return str(staged)
+    policy = url_policy()
+    record_staging(staged, upload_id, owner=request.owner, group=request.actor().group)
+    with _nothing_left_on_failure(store, staged, upload_id), open_url(request.url, policy) as stream:
+        what = f"{stream.final_url} ({stream.size} bytes)" if stream.size is not None else stream.final_url
+        progress = ProgressArtifact(stream.size, f"Fetching {what} into {request.datastore}")
+        _stage_stream(stream if stream.size is not None else _UnknownLength(stream), store=store, staged=staged,
+                      upload_id=upload_id, size=stream.size, declared=request.driver, checksum=request.checksum,
+                      origin=f"The image at {stream.final_url}", progress=progress)
+    return str(staged)
+
+
+@task(**IO_TASK)
+def stage_s3_object(request: UploadRequest, upload_id: str) -> str:
+    """Step 1 of an import from an S3 object: read with the endpoint and keys of the request's
+    source datastore (a non-administrator never from a bucket of this service:
+    `rules.check_import_bucket`), inspected and hashed on the way into the staging area and its
+    published checksum checked; recorded first so that reconcile may sweep it."""
+    actor = request.actor()
+    source = ObjectRef.parse(request.source_datastore, request.s3_uri)
+    source_store = load_datastore(source.datastore)
+    rules.check_import_bucket(actor, source.bucket, service_buckets())
+    store = load_datastore(request.datastore)
+    staged = store.staging_ref(upload_id)
+    if _staged_before(store, staged, upload_id):
+        return str(staged)
+    record_staging(staged, upload_id, owner=actor.user, group=actor.group)
+    with _nothing_left_on_failure(store, staged, upload_id):
+        body, info = source_store.open_read(source)
+        with body:
+            S3Datastore.check_fits(info.size, f"The image at {source}")
+            progress = ProgressArtifact(info.size, f"Reading {source} ({info.size} bytes) into {request.datastore}")
+            _stage_stream(body, store=store, staged=staged, upload_id=upload_id, size=info.size,
+                          declared=request.driver, checksum=request.checksum, origin=f"The image at {source}",
+                          progress=progress)
+    return str(staged)
 
 
 @task(**IO_TASK)

@@ -13,10 +13,11 @@ MIN_UPDATE_INTERVAL = 0.5  # at most two artifact updates a second
 
 
 class ProgressArtifact:
-    """A byte counter usable as a boto3 Callback (called from several transfer threads)."""
+    """A byte counter usable as a boto3 Callback (called from several transfer threads). A `total`
+    of None (a URL that gives no length) shows 0 % until `finish`."""
 
-    def __init__(self, total: int, description: str, also: Callable[[int], None] | None = None):
-        self.total = max(total, 1)
+    def __init__(self, total: int | None, description: str, also: Callable[[int], None] | None = None):
+        self.total = None if total is None else max(total, 1)
         self.description = description
         self.done = 0
         self.also = also
@@ -29,7 +30,8 @@ class ProgressArtifact:
         with self._lock:
             self.done += amount
             now = time.monotonic()
-            due = now - self._last_update >= MIN_UPDATE_INTERVAL or self.done >= self.total
+            due = self.total is not None and (now - self._last_update >= MIN_UPDATE_INTERVAL
+                                              or self.done >= self.total)
             if due:
                 self._last_update = now
         if self.also is not None:
@@ -39,6 +41,8 @@ class ProgressArtifact:
 
     @property
     def percent(self) -> float:
+        if self.total is None:
+            return 0.0
         return min(100.0, round(100.0 * self.done / self.total, 1))
 
     def finish(self) -> None:
