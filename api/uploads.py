@@ -14,16 +14,16 @@ from the name and the file) finds the open session, which is how a client that d
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-
-import anyio
 
 from api.auth import Caller
 from api.images import IdempotencyKey, UploadParameters, claim_key, settle_key, release_key, upload_allowed
@@ -45,6 +45,7 @@ router = APIRouter(prefix="/api/v1", tags=["uploads"])
 SMALLEST_PART = 16 * MiB
 PARTS_IN_FLIGHT = 8  # part bodies read at once by this process: memory is at most this many parts...
 HELD_BYTES = HoldBudget(128 * MiB)  # ...plus this much of parts waiting for their turn to be inspected
+IDLE_SECONDS = 3600
 _in_flight: anyio.Semaphore | None = None
 _inspecting: dict[str, PartsInOrder] = {}  # by upload id, for the sessions this process saw parts of
 
@@ -191,11 +192,24 @@ async def put_part(upload_id: UploadId, number: Annotated[int, Path(ge=1, le=MAX
             raise Refused(f"Part {number} ended after {len(data)} of {wanted} bytes: send it again.")
         store, ref = _ref(session)
         etag = await run_in_threadpool(store.put_part, ref, session.multipart_id, number, data)
-        parts = _inspecting.setdefault(upload_id, PartsInOrder(
-            session.part_size, HELD_BYTES, UploadParameters(**session.parameters).checksum()))
+        parts = _inspecting.get(upload_id)
+        if parts is None:
+            _forget_idle_sessions()
+            parts = _inspecting.setdefault(upload_id, PartsInOrder(
+                session.part_size, HELD_BYTES, UploadParameters(**session.parameters).checksum()))
         await run_in_threadpool(parts.feed, number, data, etag)
     await run_in_threadpool(open_staging().part_stored, upload_id, number, etag, wanted)
     return {"part": number, "size": wanted, "etag": etag}
+
+
+def _forget_idle_sessions() -> None:
+    """Parts held for a session nobody completed (its client died and never came back) go back to
+    the budget after IDLE_SECONDS; if it ever completes, what was not inspected is read back."""
+    now = time.monotonic()
+    for upload_id, parts in list(_inspecting.items()):
+        if now - parts.last_fed > IDLE_SECONDS:
+            _inspecting.pop(upload_id, None)
+            parts.release()
 
 
 def _part_bodies() -> anyio.Semaphore:

@@ -196,11 +196,14 @@ class Directory:
 
     def _users(self, *where) -> list[User]:
         live = token_rows.c.revoked_at.is_(None)
+        # Memberships and token counts of the chosen users only: every API request reads one user.
+        chosen = sa.select(user_rows.c.name).where(*where).scalar_subquery() if where else None
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(user_rows).where(*where).order_by(user_rows.c.name)).all()
-            pairs = conn.execute(sa.select(membership_rows)).all()
-            counts = dict(conn.execute(sa.select(token_rows.c.user, sa.func.count())
-                                       .where(live).group_by(token_rows.c.user)).all())
+            pairs = conn.execute(sa.select(membership_rows).where(
+                *([membership_rows.c.user.in_(chosen)] if where else []))).all()
+            counts = dict(conn.execute(sa.select(token_rows.c.user, sa.func.count()).where(
+                live, *([token_rows.c.user.in_(chosen)] if where else [])).group_by(token_rows.c.user)).all())
         found = []
         for row in rows:
             member_of = tuple(sorted(p.group for p in pairs if p.user == row.name))

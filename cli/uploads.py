@@ -93,7 +93,9 @@ def send_parts(api: Api, session: dict, file: Path) -> dict:
                 time.sleep(pause)
                 pause = min(10.0, pause * 2)
                 received = set(_ask_held(api, upload_id, received))
-    started = api.post(f"/uploads/{upload_id}/complete", None, **remote_param())
+    # Completing may read back what the service did not inspect on the way (after it restarted): no read timeout.
+    started = api.call("POST", f"/uploads/{upload_id}/complete", params=remote_param(),
+                       timeout=httpx.Timeout(None, connect=10))
     forget(upload_id)
     return started
 

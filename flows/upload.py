@@ -75,8 +75,7 @@ def _run_name() -> str:
 
 @image_operation("upload", run_name=_run_name, on_failure=_on_failure, on_success=_on_success)
 def upload(request: UploadRequest) -> int:
-    """Register an image from staged bytes (or a file on the worker, a URL, an S3 object) and copy it
-    into its datastore."""
+    """Register an image from staged bytes, a file on the worker, a URL or an S3 object; copy it in."""
     upload_id = upload_id_of(request, flow_run.get_id())
     check_upload_request(request, upload_id)
     if request.path:

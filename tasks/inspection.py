@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable
@@ -283,6 +284,7 @@ class PartsInOrder:
         self._budget = budget
         self._held: dict[int, tuple[bytes, str]] = {}
         self._lock = threading.Lock()
+        self.last_fed = time.monotonic()
 
     @property
     def inspected_parts(self) -> int:
@@ -291,6 +293,7 @@ class PartsInOrder:
     def feed(self, number: int, data: bytes, etag: str) -> None:
         """Part `number` (1-based) was stored with `etag`."""
         with self._lock:
+            self.last_fed = time.monotonic()
             if number <= self.inspected_parts:
                 return  # sent again after a cut: completion compares the ETags it inspected
             if number > self.inspected_parts + 1:

@@ -1,5 +1,6 @@
-"""Session-wide real parts: a SeaweedFS on free ports (started by our own stack code), Prefect's
-test harness (a real API server), and a SQLite catalog, all under one temporary HCX_HOME."""
+"""Session-wide real parts: a SeaweedFS on free ports (started by our own stack code), a real
+`prefect server` on a PostgreSQL database of its own, and a SQLite catalog, all under one
+temporary HCX_HOME; and for the platform modules, `hcx-image up` in homes of their own."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ for _identity in ("HCX_USER", "HCX_GROUP", "HCX_TOKEN", "HCX_API_URL"):  # ident
 os.environ.pop("HCX_DATABASE_URL", None)
 os.environ.pop("HCX_REMOTE", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["HCX_URL_ALLOW_NETWORKS"] = '["127.0.0.0/8"]'  # URL imports may reach the tests' loopback servers
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
@@ -46,6 +48,37 @@ from cli.main import app  # noqa: E402
 from cli.runtime import running_platform  # noqa: E402
 from cli.stack import Service, Stack, descendants, free_port  # noqa: E402
 from flows.upload import upload  # noqa: E402
+
+
+# The modules that use the session's `platform` (one `hcx-image up`, ~30 s): sent to one test worker
+# together, so that it starts once in the whole run, not once per worker that draws one of them.
+SHARED_PLATFORM_MODULES = {"tests/test_platform.py", "tests/test_prefect_auth.py", "tests/test_ui.py",
+                           "tests/test_platform_maintenance.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The two long units first, one per test worker (with `--no-loadscope-reorder`, as `make test`
+    runs): the dead-runs module (its own platform, minutes of waiting on heartbeats) and the
+    modules of the shared platform; the others fill in behind them."""
+    def rank(item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return 0 if module == "tests/test_platform_deadruns.py" else 1 if module in SHARED_PLATFORM_MODULES else 2
+
+    items.sort(key=rank)  # stable: each module's own order is kept
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, but with the modules sharing the session's platform as one unit."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedPlatformScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = super()._split_scope(nodeid)
+            return "shared-platform" if module in SHARED_PLATFORM_MODULES else module
+
+    return SharedPlatformScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

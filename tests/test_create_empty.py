@@ -79,14 +79,14 @@ def test_raw_image_is_streamed_without_holding_a_part(catalog, unique_name, monk
     (["--size", "0"], 1, "Invalid size '0'"),
     (["--size", "1M", "--skip-capacity-check"], 1, "Only an administrator may skip the datastore capacity check"),
     (["--size", "1M", "--driver", "qcow2", "--persistent", "--type", "CDROM"], 1, "cannot be created empty"),
-    (["--size", "1M", "--path", "/etc/hostname"], 2, "give --path FILE to upload a file, or --size SIZE"),
+    (["--size", "1M", "--path", "/etc/hostname"], 2, "give one of --path FILE"),
     (["--size", "100T"], 1, "Size 100T (109951162777600 bytes) is above the largest virtual size this service "
                             "takes (64T, HCX_MAX_VIRTUAL_SIZE): ask for a smaller disk"),
     (["--size", "100T", "--driver", "qcow2"], 1, "is above the largest virtual size this service takes (64T"),
     (["--size", "50T"], 1, "A raw image of 50T (54975581388800 bytes) is stored at full size, as one object, and "
                            "a datastore object holds at most 43.9T (S3 takes 9000 parts of 5 GiB here): use "
                            "--driver qcow2"),
-    ([], 2, "give --path FILE to upload a file, or --size SIZE"),
+    ([], 2, "give one of --path FILE"),
 ])
 def test_create_empty_refusals_change_nothing(cli, catalog, unique_name, store_objects, args, code, message):
     store = load_datastore("default")

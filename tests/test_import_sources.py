@@ -17,26 +17,24 @@ from ipaddress import ip_network
 from pathlib import Path
 from uuid import UUID
 
-# The image API of this session (and the flow-run processes it starts) must reach this module's
-# loopback server; it is started by the `image_api` fixture, after every module was imported, and
-# inherits this process's environment (cli/stack.py `_spawn`, flows/launcher.py). Private, link-local
-# and metadata addresses stay refused.
+import pytest
+from prefect.client.orchestration import get_client
+
+import tasks.objects
+from blocks.datastore import S3Datastore
+from catalog.model import DiskFormat, ImageState, PermissionDenied
+from catalog.requests import UploadRequest
+from catalog.settings import get_settings
+from catalog.staging import open_staging
+from cli.stack import Stack
+from flows.upload import upload
+from tasks.url_source import UrlPolicy
+from tests.conftest import catalog_snapshot, process_environment
+
+# conftest.py allows 127.0.0.0/8 (HCX_URL_ALLOW_NETWORKS) for the session's image API and its flow
+# runs, so that they reach this module's loopback server; private, link-local and metadata
+# addresses stay refused.
 LOOPBACK_ALLOWED = '["127.0.0.0/8"]'
-os.environ.setdefault("HCX_URL_ALLOW_NETWORKS", LOOPBACK_ALLOWED)
-
-import pytest  # noqa: E402
-from prefect.client.orchestration import get_client  # noqa: E402
-
-import tasks.objects  # noqa: E402
-from blocks.datastore import S3Datastore  # noqa: E402
-from catalog.model import DiskFormat, ImageState, PermissionDenied  # noqa: E402
-from catalog.requests import UploadRequest  # noqa: E402
-from catalog.settings import get_settings  # noqa: E402
-from catalog.staging import open_staging  # noqa: E402
-from cli.stack import Stack  # noqa: E402
-from flows.upload import upload  # noqa: E402
-from tasks.url_source import UrlPolicy  # noqa: E402
-from tests.conftest import catalog_snapshot, process_environment  # noqa: E402
 
 
 # --- an image server on loopback ------------------------------------------------------------------

@@ -236,7 +236,7 @@ def _run(catalog: Catalog, examples: int) -> None:
 
 
 def test_random_operations_keep_the_catalog_sound_on_sqlite(tmp_path):
-    _run(Catalog(f"sqlite:///{tmp_path / 'catalog.db'}"), examples=150)
+    _run(Catalog(f"sqlite:///{tmp_path / 'catalog.db'}"), examples=80)
 
 
 def test_random_operations_keep_the_catalog_sound_on_postgresql(pg_catalog):
