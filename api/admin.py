@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr
 
 from api.auth import Admin, Caller
 from api.shapes import Strict
-from blocks.datastore import DATASTORE_NAME, S3Datastore, all_datastores, load_datastore
+from blocks.datastore import DATASTORE_NAME, S3Datastore, all_datastores, forget_loaded, load_datastore
 from catalog.identity import open_directory
 from catalog.model import PermissionDenied, QuotaSubject, Refused, SubjectKind, parse_size
 from catalog.quotas import quota_report, set_quota
@@ -144,4 +144,5 @@ def add_datastore(body: NewDatastore, actor: Admin) -> dict:
     )
     store.ensure_buckets()  # proves the endpoint and the credentials before anything is saved
     store.save(body.name)
+    forget_loaded(body.name)
     return _row(body.name, store)

@@ -7,6 +7,7 @@ credentials) and the edge where boto3/botocore errors become hcx-images errors.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import BinaryIO, Callable, Literal
@@ -374,12 +375,28 @@ class S3Datastore(Block):
 DATASTORE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 
 
+# Blocks read in the last LOADED_FOR seconds, by name: loading one is a Prefect API call with a new
+# client (about 50 ms, most of it building a TLS context), and an upload asked for its datastore
+# once per part (a 1 GiB upload spent 3.9 s of the image API's time there). A changed block is seen
+# within LOADED_FOR (at once by the process that saved it: `forget_loaded`).
+LOADED_FOR = 10.0
+_loaded: dict[str, tuple[float, S3Datastore]] = {}
+
+
+def forget_loaded(name: str) -> None:
+    _loaded.pop(name, None)
+
+
 def load_datastore(name: str) -> S3Datastore:
     """The datastore named `name`, or a clear refusal listing what exists."""
+    if (hit := _loaded.get(name)) is not None and time.monotonic() - hit[0] < LOADED_FOR:
+        return hit[1]
     try:
         if not DATASTORE_NAME.fullmatch(name):
             raise ValueError(name)
-        return S3Datastore.load(name, _sync=True)
+        store = S3Datastore.load(name, _sync=True)
+        _loaded[name] = (time.monotonic(), store)
+        return store
     except ValueError:
         raise NotFound(
             f"Datastore {name!r} does not exist: `hcx-image datastore list` shows them, "

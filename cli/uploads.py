@@ -14,7 +14,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import httpx
 
@@ -109,17 +109,19 @@ def _send_round(api: Api, upload_id: str, fd: int, numbers: list[int], part_size
     """Send `numbers` in parallel; the ones that got through. A refusal (4xx) stops the upload."""
 
     def send(number: int) -> int | None:
-        data = os.pread(fd, _length(number, part_size, size), (number - 1) * part_size)
+        length = _length(number, part_size, size)
         try:
-            response = api.http.put(f"/uploads/{upload_id}/parts/{number}", content=data,
-                                    headers={"Content-Type": "application/octet-stream"},
+            response = api.http.put(f"/uploads/{upload_id}/parts/{number}",
+                                    content=_chunks(fd, (number - 1) * part_size, length),
+                                    headers={"Content-Type": "application/octet-stream",
+                                             "Content-Length": str(length)},
                                     timeout=httpx.Timeout(300, connect=10))
         except httpx.TransportError:
             return None  # cut off: sent again in the next round
         if response.status_code in AGAIN:
             return None
         raise_for_answer(response)  # refused: the upload cannot go on
-        advance(len(data))
+        advance(length)
         return number
 
     try:
@@ -138,6 +140,18 @@ def _abandon(api: Api, upload_id: str) -> None:
     except HcxError:
         pass
     forget(upload_id)
+
+
+def _chunks(fd: int, offset: int, length: int, chunk: int = 1024 * 1024) -> Iterator[bytes]:
+    """A part of the file read as it is sent, a MiB at a time: a whole part is never in memory
+    (16 MiB buffers freed by four threads left glibc's arenas holding 600 MiB)."""
+    end = offset + length
+    while offset < end:
+        data = os.pread(fd, min(chunk, end - offset), offset)
+        if not data:
+            raise HcxError("The file got shorter while it was being sent: send it again, unchanged.")
+        offset += len(data)
+        yield data
 
 
 def _ask_held(api: Api, upload_id: str, known: set[int]) -> list[int]:
