@@ -12,7 +12,6 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from catalog.model import HcxError
-from catalog.settings import get_settings
 
 TOKEN_FILE = "token"  # under HCX_HOME, mode 600, written by `hcx-image up`
 READ_ATTEMPTS = 3  # a GET that timed out (60 s) is asked again this many times in all
@@ -38,6 +37,7 @@ def api_url() -> str:
     configured = ClientSettings().api_url
     if configured:
         return configured.rstrip("/")
+    from catalog.settings import get_settings  # (the service's settings: only for a local stack)
     from cli.stack import Stack
 
     stack = Stack(get_settings())
@@ -52,6 +52,8 @@ def token() -> str:
     configured = ClientSettings().token
     if configured is not None:
         return configured.get_secret_value()
+    from catalog.settings import get_settings
+
     path = get_settings().home.expanduser() / TOKEN_FILE
     try:
         return path.read_text().strip()

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from catalog.model import Refused, human_size
 from cli.client import Api
@@ -66,6 +65,8 @@ def list_datastores(json_: bool = typer.Option(False, "--json")) -> None:
     if json_:
         print_json(rows)
         return
+    from rich.table import Table  # (only for the verbs that print one)
+
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "KIND", "ENDPOINT", "BUCKET", "PREFIX", "USED", "LIMIT"):
         table.add_column(column)

@@ -14,7 +14,7 @@ from catalog.model import Bus, DiskFormat, HcxError, ImageType, Refused
 from cli.app import app
 from cli.client import Api, remote_param
 from cli.common import (
-    console, image_table, literal, print_json, refusals_exit_1, report_new_image, say, transfer_bar,
+    console, literal, print_image_table, print_json, refusals_exit_1, report_new_image, say, transfer_bar,
 )
 
 CHUNK = 1024 * 1024
@@ -164,7 +164,7 @@ def list_images(json_: bool = typer.Option(False, "--json", help="Print a JSON l
     if json_:
         print_json(images)
     else:
-        console.print(image_table(images))
+        print_image_table(images)
 
 
 @app.command()

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from catalog.model import human_size
 from cli.client import Api
@@ -45,6 +44,8 @@ def list_users(json_: bool = typer.Option(False, "--json")) -> None:
     if json_:
         print_json(rows)
         return
+    from rich.table import Table  # (only for the verbs that print one)
+
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "GROUP", "GROUPS", "ADMIN", "TOKENS"):
         table.add_column(column)
@@ -120,6 +121,8 @@ def _print_quotas(rows: list[dict], *, json_: bool) -> None:
     if not rows:
         say("no quota")
         return
+    from rich.table import Table  # (only for the verbs that print one)
+
     table = Table(box=None, header_style="bold")
     for column in ("WHO", "DATASTORE", "IMAGES", "SIZE"):
         table.add_column(column)
