@@ -28,6 +28,8 @@ bench: bench-tools
 	$(BIN)/python bench/flow_run_overhead.py
 	$(BIN)/python bench/empty_image_memory.py
 	$(BIN)/python bench/upload_vs_raw.py --size 1G
+	$(BIN)/python bench/upload_vs_raw.py --size 4G
+	$(BIN)/python bench/concurrent_uploads.py --count 16 --size 256M
 	$(BIN)/python bench/op_latency.py
 
 up: $(STAMP)

@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     # Ports of the embedded stack; 0 means "pick a free port at `hcx-image up`".
     s3_port: int = 0
     prefect_port: int = 0
+    prefect_database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL (postgresql+asyncpg://...) of the embedded Prefect server's database; "
+        "default: SQLite under home, whose single writer can stall the server for up to a minute under load.",
+    )
 
     @property
     def catalog_url(self) -> str:

@@ -309,6 +309,8 @@ class Stack:
         argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                 "--port", str(state.prefect.ports["port"])]
         env = {**self.prefect_env(state), "PREFECT_SERVER_API_AUTH_STRING": auth}
+        if self.settings.prefect_database_url:  # never on a command line: it may hold a password
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.settings.prefect_database_url
         state.prefect.pid = self._spawn("prefect-server", argv, env)
         self.save(state)
         _wait_until(lambda: self.prefect_ready(state), "The Prefect server", timeout, self.logs / "prefect-server.log")

@@ -802,8 +802,12 @@ def platform_up(home: Path, **settings: str):
 
 @pytest.fixture(scope="session")
 def platform(tmp_path_factory) -> Platform:
-    """`hcx-image up` once per session in its own home and free ports (see `platform_up`)."""
-    with platform_up(tmp_path_factory.mktemp("platform")) as started:
+    """`hcx-image up` once per session in its own home and free ports (see `platform_up`), its
+    Prefect server on a PostgreSQL database of its own (HCX_PREFECT_DATABASE_URL), as an operator
+    runs it at scale; the dead-runs module's platform keeps the embedded SQLite default."""
+    with pg_database("hcx_platform") as name, \
+            platform_up(tmp_path_factory.mktemp("platform"),
+                        HCX_PREFECT_DATABASE_URL=f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}") as started:
         yield started
 
 

@@ -6,6 +6,7 @@ $HCX_HOME is the owner's alone. The deployment forms offer no identity and no ob
 from __future__ import annotations
 
 import stat
+import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -120,9 +121,14 @@ def test_worker_and_flow_runs_carry_the_auth_string(platform):
 def test_auth_string_is_in_no_log_no_database_and_on_no_command_line(platform):
     auth = platform.stack.auth_string().encode()
     files = [p for p in platform.home.rglob("*") if p.is_file() and not p.is_symlink()]
-    assert {p.name for p in files} >= {"prefect-server.log", "worker.log", "seaweedfs.log", "api.log", "prefect.db"}
+    assert {p.name for p in files} >= {"prefect-server.log", "worker.log", "seaweedfs.log", "api.log", "catalog.db"}
     # Logs, databases, S3 data: the string is kept in its own file and nowhere else.
     assert [p for p in files if auth in p.read_bytes()] == [platform.stack.auth_file]
+    # nor in the Prefect server's database (this platform's is on PostgreSQL: all of its rows)
+    database = platform.env["HCX_PREFECT_DATABASE_URL"].rsplit("/", 1)[1]
+    dump = subprocess.run(["pg_dump", "--data-only", "-h", "127.0.0.1", "-U", "postgres", database],
+                          capture_output=True, check=True).stdout
+    assert b"flow_run" in dump and auth not in dump
 
     state = platform.state
     processes = stack_processes(platform)
