@@ -31,7 +31,7 @@ from api.runs import run_left_no_image
 from api.shapes import Remote, Started, Strict
 from blocks.datastore import MAX_PARTS, ObjectRef, S3Datastore, load_datastore
 from catalog.idempotency import fingerprint, open_idempotency_keys
-from catalog.model import IntegrityError, NotFound, Refused, utcnow
+from catalog.model import ConcurrentChange, IntegrityError, NotFound, Refused, utcnow
 from catalog.permissions import Actor
 from catalog.requests import UploadRequest
 from catalog.settings import MiB, S3_MAX_OBJECT, get_settings
@@ -141,13 +141,19 @@ def open_upload(body: NewUpload, actor: Caller, idempotency_key: IdempotencyKey 
     if session is None:  # a racing request under the same key opened one first: that one it is
         _abandon(store, ref, upload_id, multipart_id)
         session = _open_session_under(actor, idempotency_key, request_fingerprint)
+        if session is None:
+            raise ConcurrentChange(f"Another request under idempotency key {idempotency_key!r} is opening the same "
+                                   "upload: send it again in a moment.")
         return JSONResponse(_state(session, _received(session)).model_dump(), status_code=200)
     return JSONResponse(_state(session, []).model_dump(), status_code=201)
 
 
 def _open_session_under(actor: Actor, key: str, request_fingerprint: str) -> UploadSession | None:
     session = open_staging().session_by_key(actor.user, key)
-    if session is None or _expires_at(session) < utcnow():
+    if session is None:
+        return None
+    if _expires_at(session) < utcnow():  # gone for its client: its parts go now, and the key is free
+        _abandon(*_ref(session), session.upload_id, session.multipart_id)
         return None
     if session.fingerprint != request_fingerprint:
         raise Refused(f"Idempotency key {key!r} was used for another upload: a key names one request (same name, "

@@ -245,3 +245,21 @@ def test_an_expired_session_is_refused_and_reconcile_aborts_its_parts(api_as, un
     assert store.list_multipart_uploads(ref.bucket, ref.key) == []
     assert open_staging().find(upload_id) is None
     assert [s for s in _sessions() if s.upload_id == upload_id] == []
+
+
+def test_the_same_key_after_its_session_expired_opens_a_new_one_and_drops_the_old(api_as, unique_name,
+                                                                                  default_store):
+    alice = api_as("alice")
+    key, body = uuid.uuid4().hex, {"name": unique_name("reopen"), "type": "DATABLOCK", "size": PART + 1}
+    first = alice.post("/uploads", json=body, headers={"Idempotency-Key": key}).json()["upload_id"]
+    assert alice.put(f"/uploads/{first}/parts/1", content=os.urandom(PART)).status_code == 200
+    with open_staging().engine.begin() as conn:
+        conn.execute(staging_records.update().where(staging_records.c.upload_id == first)
+                     .values(recorded_at=utcnow() - timedelta(hours=25)))
+    again = alice.post("/uploads", json=body, headers={"Idempotency-Key": key})
+    assert again.status_code == 201, again.text
+    assert again.json()["upload_id"] != first and again.json()["received"] == []
+    old = default_store.staging_ref(first)
+    assert default_store.list_multipart_uploads(old.bucket, old.key) == []
+    assert open_staging().find(first) is None
+    assert alice.delete(f"/uploads/{again.json()['upload_id']}").status_code == 204
