@@ -133,8 +133,8 @@ def export_image(image_id: ImageId, actor: Caller) -> StreamingResponse:
 
 # --- creating ---------------------------------------------------------------------------------
 
-class UploadParameters(PublishedChecksum):
-    """What an upload says about itself (query parameters; the body is the file)."""
+class NewImageBytes(PublishedChecksum):
+    """What every image made from bytes (an upload, an import) says about itself."""
 
     name: ImageName
     type: ImageType = ImageType.OS
@@ -144,6 +144,11 @@ class UploadParameters(PublishedChecksum):
     driver: DiskFormat | None = Field(default=None, description="raw or qcow2; must match the bytes")
     description: Description = ""
     skip_capacity_check: bool = False
+
+
+class UploadParameters(NewImageBytes):
+    """What an upload says about itself (query parameters; the body is the file)."""
+
     client_path: str | None = Field(default=None, max_length=4096,
                                     description="Where the client's file is: `retry` asks for it again")
 
@@ -285,20 +290,12 @@ def _create_empty(body: EmptyImage, actor: Actor, remote: bool | None) -> Starte
     return _started(submit("create-empty", {"request": request.model_dump(mode="json")}, remote=remote))
 
 
-class ImportImage(PublishedChecksum, Strict):
+class ImportImage(NewImageBytes, Strict):
     """An image the service fetches itself: from an http(s) URL, or an S3 object read with a
     datastore's endpoint and keys. It is registered once fetched (its size and format known)."""
 
     model_config = ConfigDict(hide_input_in_errors=True)  # a refused URL may carry a password: never echoed
 
-    name: ImageName
-    type: ImageType = ImageType.OS
-    datastore: str | None = Field(default=None, max_length=128, description="Default: HCX_DEFAULT_DATASTORE")
-    persistent: bool = False
-    bus: Bus = Bus.VIRTIO
-    driver: DiskFormat | None = Field(default=None, description="raw or qcow2; must match the bytes")
-    description: Description = ""
-    skip_capacity_check: bool = False
     url: ImageUrl | None = Field(default=None, description="An http(s) URL that needs no credentials")
     s3: S3Uri | None = Field(default=None, description="s3://BUCKET/KEY (not a bucket of this service's datastores, "
                                                        "but for administrators)")

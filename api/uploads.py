@@ -38,7 +38,7 @@ from catalog.settings import MiB, S3_MAX_OBJECT, get_settings
 from catalog.staging import UploadSession, open_staging
 from flows.launcher import submit
 from tasks.inspection import HoldBudget, PartsInOrder
-from tasks.objects import drop_staged, record_inspection
+from tasks.objects import drop_staged, record_inspection, record_staging
 
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 
@@ -116,22 +116,20 @@ def _received(session: UploadSession) -> list[int]:
              summary="Open a resumable upload of `size` bytes (checked now: nothing is sent before it may be taken)")
 def open_upload(body: NewUpload, actor: Caller, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     request_fingerprint = _request_fingerprint(body, body.size)
-    staging = open_staging()
     if idempotency_key is not None:
         earlier = open_idempotency_keys().done(actor.user, idempotency_key, request_fingerprint)
         if earlier is not None and not run_left_no_image(earlier):
             return JSONResponse(Started(flow_run_id=earlier, repeated=True).model_dump(), status_code=200)
         if (session := _open_session_under(actor, idempotency_key, request_fingerprint)) is not None:
             return JSONResponse(_state(session, _received(session)).model_dump(), status_code=200)
-    datastore, store = upload_allowed(actor, body, body.size)
+    _, store = upload_allowed(actor, body, body.size)
     upload_id = uuid.uuid4().hex  # made here, never by a client
     ref = store.staging_ref(upload_id)
-    staged = staging.record(upload_id=upload_id, datastore=datastore, bucket=ref.bucket, key=ref.key,
-                            owner=actor.user, group=actor.group)
+    staged = record_staging(ref, upload_id, owner=actor.user, group=actor.group)
     multipart_id = None
     try:
         multipart_id = store.start_multipart(ref)
-        session = staging.open_session(
+        session = open_staging().open_session(
             staged, idempotency_key=idempotency_key, fingerprint=request_fingerprint, multipart_id=multipart_id,
             size=body.size, part_size=part_size_for(body.size),
             parameters=body.model_dump(mode="json", exclude={"size"}))

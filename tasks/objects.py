@@ -15,7 +15,7 @@ from catalog import rules
 from catalog.model import DiskFormat, HcxError, Image, IntegrityError, Refused, StorageError, human_size
 from catalog.requests import Checksum, UploadRequest
 from catalog.settings import S3_MAX_OBJECT, get_settings
-from catalog.staging import StagedInspection, open_staging
+from catalog.staging import StagedInspection, StagedUpload, open_staging
 from catalog.store import open_catalog
 from tasks import qemu, transfer
 from tasks.inspection import Inspection, InspectingReader, inspect_stream
@@ -35,10 +35,10 @@ def _staged_before(store: S3Datastore, staged: ObjectRef, upload_id: str) -> boo
     return registered is not None and store.exists(staged) and store.head(staged).size == registered.size
 
 
-def record_staging(staged: ObjectRef, upload_id: str, *, owner: str, group: str) -> None:
+def record_staging(staged: ObjectRef, upload_id: str, *, owner: str, group: str) -> StagedUpload:
     """Staged bytes are recorded (by `owner`) before their first byte is written, so that reconcile
     may sweep them."""
-    open_staging().record(upload_id=upload_id, datastore=staged.datastore, bucket=staged.bucket, key=staged.key,
+    return open_staging().record(upload_id=upload_id, datastore=staged.datastore, bucket=staged.bucket, key=staged.key,
                           owner=owner, group=group)
 
 

@@ -346,6 +346,19 @@ def make_request():
     return upload_request
 
 
+# --- HTTP servers the tests start (URL imports) ---------------------------------------------------
+
+def write_chunked(handler, body: bytes, chunk: int = 65536) -> None:
+    """Answer 200 with `body` in chunked transfer encoding: a body of unknown length."""
+    handler.send_response(200)
+    handler.send_header("Transfer-Encoding", "chunked")
+    handler.end_headers()
+    for start in range(0, len(body), chunk):
+        piece = body[start:start + chunk]
+        handler.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+    handler.wfile.write(b"0\r\n\r\n")
+
+
 # --- fault injection: a TCP proxy that can cut every connection --------------------------------
 
 # What S3 answers a request it refuses: a real 403, which clients do not retry.

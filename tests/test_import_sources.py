@@ -29,7 +29,7 @@ from catalog.staging import open_staging
 from cli.stack import Stack
 from flows.upload import upload
 from tasks.url_source import UrlPolicy
-from tests.conftest import catalog_snapshot, process_environment
+from tests.conftest import catalog_snapshot, process_environment, write_chunked
 
 # conftest.py allows 127.0.0.0/8 (HCX_URL_ALLOW_NETWORKS) for the session's image API and its flow
 # runs, so that they reach this module's loopback server; private, link-local and metadata
@@ -61,13 +61,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(404, b"")
         if route == "files":
             return self._send(200, data)
-        self.send_response(200)
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for start in range(0, len(data), 65536):
-            chunk = data[start:start + 65536]
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        self.wfile.write(b"0\r\n\r\n")
+        write_chunked(self, data)
 
     def _send(self, code: int, body: bytes, **headers: str) -> None:
         self.send_response(code)

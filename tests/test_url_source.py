@@ -23,6 +23,7 @@ import pytest
 from catalog.model import HcxError
 from tasks.inspection import HashingReader
 from tasks.url_source import ALLOW_SETTING, UrlPolicy, _check_redirect, open_url
+from tests.conftest import write_chunked
 
 LOOPBACK = UrlPolicy(allow_networks=(ip_network("127.0.0.0/8"), ip_network("::1/128")))
 NOTHING_ALLOWED = UrlPolicy(connect_timeout=1)
@@ -50,7 +51,7 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "data":
             self._send(200, payload(int(arg)))
         elif route == "chunked":
-            self._send_chunked(payload(int(arg)))
+            write_chunked(self, payload(int(arg)))
         elif route == "hops":
             code, left, size = (int(part) for part in arg.split("/"))
             if left:
@@ -86,15 +87,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
-
-    def _send_chunked(self, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        for start in range(0, len(body), 65536):
-            chunk = body[start:start + 65536]
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        self.wfile.write(b"0\r\n\r\n")
 
 
 class _Server(ThreadingHTTPServer):
