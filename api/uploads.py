@@ -43,8 +43,8 @@ from tasks.objects import drop_staged, record_inspection, record_staging
 router = APIRouter(prefix="/api/v1", tags=["uploads"])
 
 SMALLEST_PART = 16 * MiB
-PARTS_IN_FLIGHT = 8  # part bodies read at once by this process: memory is at most this many parts...
-HELD_BYTES = HoldBudget(128 * MiB)  # ...plus this much of parts waiting for their turn to be inspected
+PARTS_IN_FLIGHT = 4  # part bodies read at once by this process: memory is at most this many parts...
+HELD_BYTES = HoldBudget(64 * MiB)  # ...plus this much of parts waiting for their turn to be inspected
 IDLE_SECONDS = 3600
 _in_flight: anyio.Semaphore | None = None
 _inspecting: dict[str, PartsInOrder] = {}  # by upload id, for the sessions this process saw parts of
@@ -191,9 +191,7 @@ async def put_part(upload_id: UploadId, number: Annotated[int, Path(ge=1, le=MAX
                       f"{declared or 'no Content-Length'}: send exactly bytes {(number - 1) * session.part_size}"
                       f"..{(number - 1) * session.part_size + wanted - 1} of the file.")
     async with _part_bodies():
-        data = await request.body()
-        if len(data) != wanted:  # cut off on the way
-            raise Refused(f"Part {number} ended after {len(data)} of {wanted} bytes: send it again.")
+        data = await _read_part(request, wanted)
         store, ref = _ref(session)
         etag = await run_in_threadpool(store.put_part, ref, session.multipart_id, number, data)
         parts = _inspecting.get(upload_id)
@@ -204,6 +202,20 @@ async def put_part(upload_id: UploadId, number: Annotated[int, Path(ge=1, le=MAX
         await run_in_threadpool(parts.feed, number, data, etag)
     await run_in_threadpool(open_staging().part_stored, upload_id, number, etag, wanted)
     return {"part": number, "size": wanted, "etag": etag}
+
+
+async def _read_part(request: Request, wanted: int) -> bytearray:
+    """The body, `wanted` bytes, into one buffer as it arrives (no list of chunks joined into a
+    second copy: a part is in memory once)."""
+    data, received = bytearray(wanted), 0
+    async for chunk in request.stream():
+        if received + len(chunk) > wanted:
+            raise Refused(f"The part is longer than its Content-Length ({wanted} bytes): send it again.")
+        data[received:received + len(chunk)] = chunk
+        received += len(chunk)
+    if received != wanted:  # cut off on the way
+        raise Refused(f"The part ended after {received} of {wanted} bytes: send it again.")
+    return data
 
 
 def _forget_idle_sessions() -> None:

@@ -327,7 +327,7 @@ class S3Datastore(Block):
         except _S3_ERRORS as exc:
             raise storage_error(exc, f"start an upload to {ref}") from None
 
-    def put_part(self, ref: ObjectRef, multipart_id: str, number: int, data: bytes) -> str:
+    def put_part(self, ref: ObjectRef, multipart_id: str, number: int, data: bytes | bytearray) -> str:
         """Store part `number` (1-based) of the multipart upload, replacing an earlier copy; its ETag.
         The SDK sends a CRC32 of the bytes, which the server checks before it keeps them."""
         try:

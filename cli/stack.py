@@ -387,7 +387,10 @@ class Stack:
             state.api.ports = {"port": free_port()}
         argv = [sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", str(state.api.ports["port"])]
         api_url = prefect_api_url or f"{state.prefect_url}/api"
-        state.api.pid = self._spawn("api", argv, self.executor_env(state, api_url))
+        # Two malloc arenas, not one per thread: with 16 uploads at once the API's threads, each
+        # freeing 16 MiB parts, left glibc holding more (peak 784 MiB without, 678 MiB with).
+        env = {**self.executor_env(state, api_url), "MALLOC_ARENA_MAX": "2"}
+        state.api.pid = self._spawn("api", argv, env)
         self.save(state)
         _wait_until(lambda: _alive(state.api.pid) and self.api_ready(state), "The image API", timeout, log)
         return state

@@ -75,7 +75,8 @@ def send_parts(api: Api, session: dict, file: Path) -> dict:
         raise Refused(f"File {file} has {file.stat().st_size} bytes; upload {upload_id} is of {size} bytes: "
                       "give the file the upload started with.")
     part_size = session["part_size"]
-    err_console.print(literal(f"UPLOAD: {upload_id} ({session['parts']} parts; if cut off: "
+    parts = f"{session['parts']} part{'s' if session['parts'] != 1 else ''}"
+    err_console.print(literal(f"UPLOAD: {upload_id} ({parts}; if cut off: "
                               f"hcx-image upload-resume {upload_id})"), soft_wrap=True)
     with transfer_bar(f"uploading {file.name}", size) as advance, open(file, "rb") as source:
         received = set(session["received"])

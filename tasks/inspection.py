@@ -290,7 +290,7 @@ class PartsInOrder:
     def inspected_parts(self) -> int:
         return len(self.etags)
 
-    def feed(self, number: int, data: bytes, etag: str) -> None:
+    def feed(self, number: int, data: bytes | bytearray, etag: str) -> None:
         """Part `number` (1-based) was stored with `etag`."""
         with self._lock:
             self.last_fed = time.monotonic()
