@@ -348,6 +348,15 @@ def make_request():
 
 # --- HTTP servers the tests start (URL imports) ---------------------------------------------------
 
+def write_answer(handler, code: int, body: bytes, **headers: str) -> None:
+    """Answer `code` with `body` and its Content-Length (and `headers`)."""
+    handler.send_response(code)
+    for name, value in {"Content-Length": str(len(body)), **headers}.items():
+        handler.send_header(name, value)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def write_chunked(handler, body: bytes, chunk: int = 65536) -> None:
     """Answer 200 with `body` in chunked transfer encoding: a body of unknown length."""
     handler.send_response(200)

@@ -29,7 +29,7 @@ from catalog.staging import open_staging
 from cli.stack import Stack
 from flows.upload import upload
 from tasks.url_source import UrlPolicy
-from tests.conftest import catalog_snapshot, process_environment, write_chunked
+from tests.conftest import catalog_snapshot, process_environment, write_answer, write_chunked
 
 # conftest.py allows 127.0.0.0/8 (HCX_URL_ALLOW_NETWORKS) for the session's image API and its flow
 # runs, so that they reach this module's loopback server; private, link-local and metadata
@@ -55,20 +55,13 @@ class _Handler(BaseHTTPRequestHandler):
         if route == "hops":
             left, _, target = rest.partition("/")
             location = f"/hops/{int(left) - 1}/{target}" if int(left) > 1 else f"/{target}"
-            return self._send(302, b"", Location=location)
+            return write_answer(self, 302, b"", Location=location)
         data = self.server.files.get(rest)
         if data is None:
-            return self._send(404, b"")
+            return write_answer(self, 404, b"")
         if route == "files":
-            return self._send(200, data)
+            return write_answer(self, 200, data)
         write_chunked(self, data)
-
-    def _send(self, code: int, body: bytes, **headers: str) -> None:
-        self.send_response(code)
-        for name, value in {"Content-Length": str(len(body)), **headers}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
 
 
 class _ImageServer(ThreadingHTTPServer):

@@ -23,7 +23,7 @@ import pytest
 from catalog.model import HcxError
 from tasks.inspection import HashingReader
 from tasks.url_source import ALLOW_SETTING, UrlPolicy, _check_redirect, open_url
-from tests.conftest import write_chunked
+from tests.conftest import write_answer, write_chunked
 
 LOOPBACK = UrlPolicy(allow_networks=(ip_network("127.0.0.0/8"), ip_network("::1/128")))
 NOTHING_ALLOWED = UrlPolicy(connect_timeout=1)
@@ -49,19 +49,19 @@ class _Handler(BaseHTTPRequestHandler):
         route, *args = self.path.partition("?")[0].strip("/").split("/", 1)
         arg = args[0] if args else ""
         if route == "data":
-            self._send(200, payload(int(arg)))
+            write_answer(self, 200, payload(int(arg)))
         elif route == "chunked":
             write_chunked(self, payload(int(arg)))
         elif route == "hops":
             code, left, size = (int(part) for part in arg.split("/"))
             if left:
-                self._send(code, b"", Location=f"/hops/{code}/{left - 1}/{size}")
+                write_answer(self, code, b"", Location=f"/hops/{code}/{left - 1}/{size}")
             else:
-                self._send(200, payload(size))
+                write_answer(self, 200, payload(size))
         elif route == "gzip":
-            self._send(200, payload(10), **{"Content-Encoding": "gzip"})
+            write_answer(self, 200, payload(10), **{"Content-Encoding": "gzip"})
         elif route == "to":
-            self._send(302, b"", Location=unquote(arg))
+            write_answer(self, 302, b"", Location=unquote(arg))
         elif route == "short":
             self.send_response(200)
             self.send_header("Content-Length", arg)
@@ -79,14 +79,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.release.wait(5)
             self.close_connection = True
         else:
-            self._send(int(arg) if route == "status" else 404, b"")
-
-    def _send(self, code: int, body: bytes, **headers: str) -> None:
-        self.send_response(code)
-        for name, value in {"Content-Length": str(len(body)), **headers}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+            write_answer(self, int(arg) if route == "status" else 404, b"")
 
 
 class _Server(ThreadingHTTPServer):
