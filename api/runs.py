@@ -6,10 +6,10 @@ from __future__ import annotations
 from uuid import UUID
 
 from fastapi import APIRouter
-from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 
 from api.auth import Caller
+from blocks.prefect_api import prefect_client
 from catalog.model import Image, NotFound
 from catalog.permissions import Actor, Right, has_right
 from catalog.store import open_catalog
@@ -45,7 +45,7 @@ def _clean(message: str) -> str:
 def read_run(flow_run_id: UUID, actor: Caller) -> dict:
     missing = NotFound(f"Flow run {flow_run_id} does not exist (or is not yours).")
     crash_if_its_process_died(str(flow_run_id))  # a run whose process died before it ran ends now
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         try:
             run = client.read_flow_run(flow_run_id)
         except ObjectNotFound:
@@ -68,7 +68,7 @@ def read_run(flow_run_id: UUID, actor: Caller) -> dict:
 
 def run_left_no_image(flow_run_id: str) -> bool:
     """Whether the run has ended and no image is its work (never made, or deleted since)."""
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         try:
             run = client.read_flow_run(UUID(flow_run_id))
         except ObjectNotFound:

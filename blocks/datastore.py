@@ -18,10 +18,10 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from prefect.blocks.core import Block
-from prefect.client.orchestration import get_client
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 from s3transfer.subscribers import BaseSubscriber
 
+from blocks.prefect_api import prefect_client
 from catalog.model import IntegrityError, NotFound, Refused, StorageError, TransientStorageError, human_size
 from catalog.settings import S3_MAX_OBJECT, S3_PARTS, get_settings
 
@@ -406,7 +406,7 @@ def load_datastore(name: str) -> S3Datastore:
 
 def all_datastores() -> dict[str, S3Datastore]:
     """Every registered datastore by name."""
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         documents = client.read_block_documents_by_type(S3Datastore.get_block_type_slug())
     return {doc.name: load_datastore(doc.name) for doc in documents}
 

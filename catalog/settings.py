@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from catalog import DEFAULT_HOME
+
 MiB = 1024 * 1024
 
 # Floors of reconcile's limits: only the admin group may ask a reconcile run for less.
@@ -32,7 +34,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HCX_", env_file=".env", extra="ignore")
 
     home: Path = Field(
-        default_factory=lambda: Path.home() / ".hcx-images",
+        default_factory=lambda: Path(DEFAULT_HOME).expanduser(),
         description="Everything the embedded default keeps (S3 data, catalog, Prefect home, logs).",
     )
     database_url: str | None = Field(
@@ -73,6 +75,12 @@ class Settings(BaseSettings):
     )
     remote: bool = Field(
         default=False, description="Send operations through the Prefect deployments (worker)."
+    )
+    standby_executors: int = Field(
+        default=2, ge=1, le=16,
+        description="Processes the image API keeps loaded (Python, Prefect, the flows: ~110 MiB each) "
+        "waiting for the next flow run it starts; one takes a run and a new one loads behind it (1.5-2 s), "
+        "so with one, an operation that comes sooner after the last waits for it.",
     )
     # The platform: work pool, worker and the maintenance schedules (seconds; 0 = no schedule).
     work_pool: str = Field(default="hcx-process", description="Process work pool of the deployments.")

@@ -4,13 +4,14 @@ answers as Python values or clear errors. The CLI holds no database URL and no S
 
 from __future__ import annotations
 
+import os
+import ssl
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from catalog import DEFAULT_HOME
 from catalog.model import HcxError
 
 TOKEN_FILE = "token"  # under HCX_HOME, mode 600, written by `hcx-image up`
@@ -26,22 +27,31 @@ class ApiError(HcxError):
         self.body = body or {}
 
 
-class ClientSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HCX_", env_file=".env", extra="ignore")
+def setting(name: str) -> str | None:
+    """`HCX_<NAME>` from the environment, else from `./.env`, as the service's settings read it.
+    (The CLI reads its three settings itself: pydantic-settings would cost every command ~90 ms of
+    imports, a third of its start-up.)"""
+    variable = f"HCX_{name.upper()}"
+    value = os.environ.get(variable)
+    if value is None and Path(".env").is_file():
+        from dotenv import dotenv_values
 
-    api_url: str | None = Field(default=None, description="The image API; default: the local stack's")
-    token: SecretStr | None = Field(default=None, description="An API token; default: $HCX_HOME/token")
+        value = dotenv_values(".env").get(variable)
+    return value or None
+
+
+def home() -> Path:
+    """$HCX_HOME: the local stack's state, the token `up` writes, the notes of unfinished uploads."""
+    return Path(setting("home") or DEFAULT_HOME).expanduser()
 
 
 def api_url() -> str:
-    configured = ClientSettings().api_url
+    configured = setting("api_url")
     if configured:
         return configured.rstrip("/")
-    from catalog.settings import get_settings  # (the service's settings: only for a local stack)
-    from cli.stack import Stack
+    from cli.stack import load_state
 
-    stack = Stack(get_settings())
-    url = stack.api_url(stack.load())
+    url = load_state(home()).api_url
     if not url:
         raise HcxError("No image API is configured and none runs here: `hcx-image up` starts one, or set "
                        "HCX_API_URL to the service's address.")
@@ -49,17 +59,22 @@ def api_url() -> str:
 
 
 def token() -> str:
-    configured = ClientSettings().token
+    configured = setting("token")
     if configured is not None:
-        return configured.get_secret_value()
-    from catalog.settings import get_settings
-
-    path = get_settings().home.expanduser() / TOKEN_FILE
+        return configured
+    path = home() / TOKEN_FILE
     try:
         return path.read_text().strip()
     except OSError:
         raise HcxError(f"No API token: set HCX_TOKEN, or run `hcx-image up` (it writes {path} for the user who "
                        "runs it); an administrator prints one with `hcx-image user token NAME`.") from None
+
+
+def tls_for(url: str) -> ssl.SSLContext | bool:
+    """Verified TLS for an https API. A plain-http API gets a context with no CA loaded, which no
+    certificate can pass: loading the CA bundle costs every command 16 ms for a handshake that
+    never happens, and nothing is trusted should one be attempted."""
+    return True if url.startswith("https:") else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 _remote: bool | None = None  # --remote/--local for this invocation
@@ -100,6 +115,7 @@ class Api:
     def __init__(self, base_url: str | None = None, bearer: str | None = None):
         self.base_url = base_url or api_url()
         self.http = httpx.Client(base_url=f"{self.base_url}/api/v1", timeout=httpx.Timeout(60, connect=10),
+                                 verify=tls_for(self.base_url),
                                  headers={"Authorization": f"Bearer {bearer or token()}"})
 
     def call(self, method: str, path: str, **kwargs) -> Any:

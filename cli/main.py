@@ -1,5 +1,7 @@
 """`hcx-image`: the command line, assembled from its command modules in the order `--help` lists them."""
 
+import gc
+
 from cli import datastores, images, lifecycle, platform, users  # noqa: F401  (their verbs register on `app`)
 from cli.app import app
 
@@ -8,3 +10,11 @@ app.add_typer(users.users, name="user")
 app.add_typer(users.groups, name="group")
 app.add_typer(users.quotas, name="quota")
 platform.register(app)  # --remote/--local, status, reconcile, monitor, scrub, platform yaml
+
+
+def main() -> None:
+    """The `hcx-image` entry point. What is loaded by now lives as long as the process: frozen, the
+    garbage collector skips it, during the command and in its last collection at exit (which took
+    0.1-0.3 s of a `create --wait` of a small image)."""
+    gc.freeze()
+    app()

@@ -14,8 +14,7 @@ import httpx
 import typer
 
 from catalog.model import HcxError, Refused
-from catalog.settings import get_settings
-from cli.client import TOKEN_FILE, Api, remote_param, use_remote
+from cli.client import TOKEN_FILE, Api, home, remote_param, use_remote
 from cli.common import console, print_json, refusals_exit_1, say, wait_for_run
 from cli.stack import Stack
 
@@ -62,7 +61,7 @@ def write_admin_token(user: str) -> Path:
 
     directory = open_directory()
     directory.ensure_user(user, admin=True)
-    path = get_settings().home.expanduser() / TOKEN_FILE
+    path = home() / TOKEN_FILE
     if path.exists() and directory.authenticate(path.read_text().strip()) is not None:
         return path
     fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -83,9 +82,11 @@ def _answers(url: str | None) -> bool:
 
 def local_status() -> dict:
     """What this machine's stack runs (from $HCX_HOME/stack.json; never a credential)."""
+    from catalog.settings import get_settings
+
     stack = Stack(get_settings())
     state = stack.load()
-    api_url = stack.api_url(state)
+    api_url = state.api_url
     return {
         "home": str(stack.home),
         "api_url": api_url,

@@ -23,11 +23,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from catalog.model import HcxError
-from catalog.settings import Settings
+
+if TYPE_CHECKING:  # the service's settings cost a command ~90 ms of imports; only `up` and `down` need them
+    from catalog.settings import Settings
 
 WEED_PORT_FLAGS = (
     "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
@@ -38,6 +41,7 @@ WEED_PORT_FLAGS = (
 # What every process of the stack creates under $HCX_HOME (logs, databases, S3 data): owner only.
 PRIVATE_UMASK = 0o077
 AUTH_FILE = "prefect-auth"
+STATE_FILE = "stack.json"  # ports, pids and S3 keys of what `up` started (mode 600)
 
 
 class StackError(HcxError):
@@ -133,30 +137,41 @@ class StackState:
     def prefect_url(self) -> str:
         return f"http://127.0.0.1:{self.prefect.ports['port']}"
 
+    @property
+    def api_url(self) -> str | None:
+        """Where the image API of this home listens (None before its first start)."""
+        return f"http://127.0.0.1:{self.api.ports['port']}" if self.api.ports else None
+
 
 SERVICES = ("s3", "prefect", "worker", "api")
+
+
+def load_state(home: Path) -> StackState:
+    """What `up` recorded in `home` (an empty state before the first `up`)."""
+    state_file = home / STATE_FILE
+    if not state_file.exists():
+        return StackState()
+    raw = json.loads(state_file.read_text())
+    return StackState(
+        s3_access_key=raw["s3_access_key"], s3_secret_key=raw["s3_secret_key"],
+        datastores_registered_at=raw.get("datastores_registered_at"),
+        deployments_applied=raw.get("deployments_applied"),
+        **{name: Service(**raw.get(name, {})) for name in SERVICES},
+    )
 
 
 class Stack:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.home = settings.home.expanduser()
-        self.state_file = self.home / "stack.json"
+        self.state_file = self.home / STATE_FILE
         self.logs = self.home / "logs"
         self.auth_file = self.home / AUTH_FILE
 
     # --- state -------------------------------------------------------------------------------
 
     def load(self) -> StackState:
-        if not self.state_file.exists():
-            return StackState()
-        raw = json.loads(self.state_file.read_text())
-        return StackState(
-            s3_access_key=raw["s3_access_key"], s3_secret_key=raw["s3_secret_key"],
-            datastores_registered_at=raw.get("datastores_registered_at"),
-            deployments_applied=raw.get("deployments_applied"),
-            **{name: Service(**raw.get(name, {})) for name in SERVICES},
-        )
+        return load_state(self.home)
 
     def save(self, state: StackState) -> None:
         private_dir(self.home)
@@ -364,15 +379,11 @@ class Stack:
 
     # --- the image API -----------------------------------------------------------------------
 
-    def api_url(self, state: StackState) -> str | None:
-        """Where the image API of this home listens (None before its first start)."""
-        return f"http://127.0.0.1:{state.api.ports['port']}" if state.api.ports else None
-
     def api_ready(self, state: StackState) -> bool:
         if not state.api.ports:
             return False
         try:
-            return httpx.get(f"{self.api_url(state)}/health", timeout=2).status_code == 200
+            return httpx.get(f"{state.api_url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 

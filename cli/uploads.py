@@ -19,8 +19,7 @@ from typing import Callable, Iterator
 import httpx
 
 from catalog.model import HcxError, Refused
-from catalog.settings import get_settings
-from cli.client import Api, ApiError, raise_for_answer, remote_param
+from cli.client import Api, ApiError, home, raise_for_answer, remote_param
 from cli.common import err_console, literal, transfer_bar
 
 PARALLEL_PARTS = 4
@@ -29,7 +28,7 @@ GIVE_UP_AFTER = 600.0  # seconds without a part getting through before the uploa
 
 
 def _notes() -> Path:
-    return get_settings().home.expanduser() / "uploads"
+    return home() / "uploads"
 
 
 def _note_of(upload_id: str) -> Path:

@@ -23,12 +23,12 @@ from pathlib import Path
 from uuid import UUID
 
 from prefect import Flow
-from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
 from prefect.states import Cancelled, Crashed
 
+from blocks.prefect_api import prefect_client
 from catalog.model import HcxError
 from catalog.settings import get_settings
 from flows import heartbeat
@@ -106,7 +106,7 @@ def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> s
                 "`hcx-image up` (or `prefect deploy --all` from the repository) creates the deployments."
             ) from None
         return str(run.id)
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         run = client.create_flow_run(flow, parameters=parameters)
         process = _launched[str(run.id)] = _hand_over(flow_name, str(run.id))
         # Which process runs it, as a worker records it (the standby's command line cannot say).
@@ -114,7 +114,7 @@ def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> s
     return str(run.id)
 
 
-_standby: tuple[dict[str, str], subprocess.Popen] | None = None  # its environment, the process
+_standbys: list[tuple[dict[str, str], subprocess.Popen]] = []  # each one's environment and process, oldest first
 _standby_lock = threading.Lock()
 
 
@@ -134,33 +134,33 @@ def _start_standby(env: dict[str, str]) -> subprocess.Popen:
         )
 
 
-def _ready_standby() -> subprocess.Popen:
-    """The standby (call with the lock held): one started for another Prefect API, or that died,
-    is replaced."""
-    global _standby
-    env = _launch_environment()
-    if _standby is not None and (_standby[0] != env or _standby[1].poll() is not None):
-        _standby[1].stdin.close()  # it ends on end of input
-        _standby = None
-    if _standby is None:
-        _standby = (env, _start_standby(env))
-    return _standby[1]
+def _keep_standbys(env: dict[str, str]) -> None:
+    """(With the lock held.) Settings.standby_executors standbys for `env`: ones started for
+    another Prefect API, or that died, are replaced."""
+    global _standbys
+    for kept_env, process in _standbys:
+        if kept_env != env or process.poll() is not None:
+            process.stdin.close()  # it ends on end of input
+    _standbys = [(kept_env, process) for kept_env, process in _standbys
+                 if kept_env == env and process.poll() is None]
+    while len(_standbys) < get_settings().standby_executors:
+        _standbys.append((env, _start_standby(env)))
 
 
 def warm_up() -> None:
-    """Make sure a standby waits for the next run (a service calls this when it starts, so that
+    """Make sure standbys wait for the next runs (a service calls this when it starts, so that
     even its first operation finds one)."""
     with _standby_lock:
-        _ready_standby()
+        _keep_standbys(_launch_environment())
 
 
 def _hand_over(flow_name: str, flow_run_id: str) -> subprocess.Popen:
-    """Give the run to the standby (no other caller can take the same one) and start the next."""
-    global _standby
+    """Give the run to the oldest standby (the likeliest to be loaded; no other caller can take
+    the same one) and start the next."""
     for _ in range(2):
         with _standby_lock:
-            process = _ready_standby()
-            _standby = None
+            _keep_standbys(_launch_environment())
+            _, process = _standbys.pop(0)
         try:
             process.stdin.write(f"{flow_name} {flow_run_id}\n".encode())
             process.stdin.close()
@@ -191,7 +191,7 @@ def crash_if_its_process_died(flow_run_id: str) -> bool:
     if process is None or process.poll() is None:
         return False
     del _launched[flow_run_id]
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         state = client.read_flow_run(UUID(flow_run_id)).state
         if state is not None and state.is_final():
             return False
@@ -227,7 +227,7 @@ def _stop_when_cancelled(flow_run_id: str, every: float = 2.0, grace: float = 10
     (stuck in a transfer that waits on its threads) is marked CANCELLED and the process ends."""
 
     def state_now():
-        with get_client(sync_client=True) as client:
+        with prefect_client() as client:
             return client.read_flow_run(UUID(flow_run_id)).state
 
     def watch() -> None:
@@ -243,7 +243,7 @@ def _stop_when_cancelled(flow_run_id: str, every: float = 2.0, grace: float = 10
                 break
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(grace)
-        with get_client(sync_client=True) as client:
+        with prefect_client() as client:
             client.set_flow_run_state(UUID(flow_run_id), Cancelled(
                 message=f"Cancelled: the process did not end within {grace:g}s of SIGTERM and was stopped."),
                 force=True)
@@ -257,13 +257,30 @@ STANDBY = "--standby"
 
 def stand_by() -> None:
     """Load what a run needs, then wait for `FLOW_NAME RUN_ID` on stdin and execute that run; end
-    quietly on end of input (the service that started this process went away, or took another)."""
+    quietly on end of input (the service that started this process went away, or took another).
+    While it waits it also builds what every run would build first: the Prefect client its run
+    uses throughout (its TLS context alone takes 50 ms) and the datastores' S3 clients (botocore
+    loads the S3 model for each: 100-150 ms)."""
     from prefect import flow_engine  # noqa: F401  (loaded now, not when a run waits for it)
+    from prefect.context import SyncClientContext
 
     deployable()
-    words = sys.stdin.readline().split()
-    if len(words) == 2:
-        execute(*words)
+    with SyncClientContext.get_or_create():
+        _build_datastore_clients()
+        words = sys.stdin.readline().split()
+        if len(words) == 2:
+            execute(*words)
+
+
+def _build_datastore_clients() -> None:
+    """Best effort: a datastore that cannot be reached now gets its client when a run needs it."""
+    from blocks.datastore import all_datastores
+
+    try:
+        for store in all_datastores().values():
+            store.client()
+    except Exception as exc:  # noqa: BLE001  (a head start only: the run reports what is wrong)
+        print(f"standby: datastore clients not built ahead ({exc.__class__.__name__}: {exc})", file=sys.stderr)
 
 
 if __name__ == "__main__":

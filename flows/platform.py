@@ -16,7 +16,6 @@ from datetime import timedelta
 from typing import Any
 
 import yaml
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events import DeploymentTriggerTypes
@@ -25,6 +24,7 @@ from prefect.exceptions import ObjectAlreadyExists
 from prefect.workers.process import ProcessWorker
 from pydantic import TypeAdapter
 
+from blocks.prefect_api import prefect_client
 from catalog.settings import Settings
 from flows.launcher import deployable, entrypoint, maintenance, registry
 
@@ -119,7 +119,7 @@ def automation_specs(settings: Settings, reconcile_deployment_id: str) -> list[d
 def apply_automations(settings: Settings, reconcile_deployment_id: str) -> dict[str, str]:
     """Create or update the automations of `automation_specs`, one of each name (idempotent)."""
     applied = {}
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         for spec in automation_specs(settings, reconcile_deployment_id):
             automation = AutomationCore.model_validate(spec)
             existing = client.read_automations_by_name(spec["name"])
@@ -156,7 +156,7 @@ def render_prefect_yaml(settings: Settings | None = None) -> str:
 
 
 def ensure_work_pool(name: str) -> None:
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         try:
             client.create_work_pool(WorkPoolCreate(
                 name=name, type=POOL_TYPE, base_job_template=ProcessWorker.get_default_base_job_template(),
@@ -200,13 +200,13 @@ def deployments_signature(settings: Settings) -> str:
 
 def missing_deployments() -> list[str]:
     """Deployments the configured Prefect API lacks (deleted in the UI, say)."""
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         names = {d.name for d in client.read_deployments()}
     return sorted(set(deployable()) - names)
 
 
 def missing_automations() -> list[str]:
     """Our automations the configured Prefect API lacks (deleted in the UI, say)."""
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         names = {a.name for a in client.read_automations()}
     return sorted({ZOMBIE_AUTOMATION, CRASHED_AUTOMATION} - names)

@@ -20,10 +20,10 @@ from typing import Any
 from uuid import UUID
 
 from prefect import Flow
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import ArtifactCreate
 from prefect.events import emit_event
 
+from blocks.prefect_api import prefect_client
 from catalog.model import Image, ImageState, NotFound, human_size
 from catalog.store import open_catalog
 from flows.hooks import failure_reason
@@ -101,7 +101,7 @@ def publish_markdown(key: str, markdown: str, description: str, flow_run_id: str
 
 
 def _create_artifact(*, key: str, type_: str, data: str, description: str, flow_run_id: str) -> UUID:
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         artifact = client.create_artifact(ArtifactCreate(
             key=_artifact_key(key), type=type_, data=data, description=description,
             flow_run_id=UUID(str(flow_run_id)),

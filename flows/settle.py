@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 
 from prefect import Flow, task
-from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
 
+from blocks.prefect_api import prefect_client
 from catalog import operations, rules
 from catalog.model import Image, NotFound, Refused, Superseded, as_utc, utcnow
 from catalog.store import open_catalog
@@ -81,7 +81,7 @@ def settle_image(image_id: int, stale_after_seconds: int) -> Row | None:
             return None
         return _abandon(image, target, "no flow run was recorded for its operation")
 
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         try:
             run = client.read_flow_run(image.flow_run_id)
         except ObjectNotFound:
@@ -120,7 +120,7 @@ def settle_run(flow_run_id: str) -> list[Row]:
     """A flow run named by the crash automation (flows/platform.py): if it is an image operation
     that has ended, run its flow's own hooks for its final state (the image to ERROR, staged bytes
     removed, also when no image was registered yet), then abandon any image it still holds."""
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         try:
             run = client.read_flow_run(flow_run_id)
         except ObjectNotFound:

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prefect import task
-from prefect.client.orchestration import get_client
 
+from blocks.prefect_api import prefect_client
 from blocks.datastore import ObjectRef, S3Datastore, load_datastore
 from catalog import rules
 from catalog.model import HcxError, Image, ImageState, NotFound, Refused, human_size, utcnow
@@ -33,7 +33,7 @@ def row(kind: str, target: str, action: str) -> Row:
 
 
 def datastore_names() -> list[str]:
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         documents = client.read_block_documents_by_type(S3Datastore.get_block_type_slug())
     return sorted(doc.name for doc in documents)
 

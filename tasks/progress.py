@@ -23,6 +23,7 @@ class ProgressArtifact:
         self.also = also
         self._lock = threading.Lock()
         self._last_update = 0.0
+        self._shown = 0.0  # the percentage the artifact shows
         # Outside a task run (the CLI) there is no run to attach an artifact to.
         self._artifact_id = create_progress_artifact(0.0, description=description) if TaskRunContext.get() else None
 
@@ -36,8 +37,8 @@ class ProgressArtifact:
                 self._last_update = now
         if self.also is not None:
             self.also(amount)
-        if due and self._artifact_id is not None:
-            update_progress_artifact(self._artifact_id, self.percent)
+        if due:
+            self._show(self.percent)
 
     @property
     def percent(self) -> float:
@@ -46,5 +47,11 @@ class ProgressArtifact:
         return min(100.0, round(100.0 * self.done / self.total, 1))
 
     def finish(self) -> None:
-        if self._artifact_id is not None:
-            update_progress_artifact(self._artifact_id, 100.0)
+        self._show(100.0)
+
+    def _show(self, percent: float) -> None:
+        # Each update is a call to the Prefect API (70 ms under load): a copy that reached 100 %
+        # as its last bytes went by is not told so again by `finish`.
+        if self._artifact_id is not None and percent != self._shown:
+            update_progress_artifact(self._artifact_id, percent)
+            self._shown = percent

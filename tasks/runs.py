@@ -5,12 +5,12 @@ from __future__ import annotations
 from uuid import UUID
 
 from prefect import task
-from prefect.client.orchestration import get_client
 from prefect.exceptions import FlowRunWaitTimeout, ObjectNotFound
 from prefect.flow_runs import wait_for_flow_run
 from prefect.states import Cancelled, Cancelling
 from prefect.utilities.asyncutils import run_coro_as_sync
 
+from blocks.prefect_api import prefect_client
 from catalog.model import ConcurrentChange
 from catalog.settings import get_settings
 from tasks.retry import IO_TASK
@@ -26,7 +26,7 @@ def stop_superseded_run(flow_run_id: str | None, image_id: int) -> str:
     if flow_run_id is None:
         return "no run to stop"
     reason = f"Image {image_id} was force-deleted: this run no longer owns it."
-    with get_client(sync_client=True) as client:
+    with prefect_client() as client:
         try:
             run = client.read_flow_run(UUID(flow_run_id))
         except ObjectNotFound:

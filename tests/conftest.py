@@ -175,7 +175,7 @@ def image_api(stack_state, tokens) -> str:
 
     stack = Stack(get_settings())
     state = stack.ensure_api(stack.load(), prefect_api_url=PREFECT_API_URL.value())
-    return stack.api_url(state)
+    return state.api_url
 
 
 @pytest.fixture

@@ -247,7 +247,7 @@ def test_up_restarts_a_dead_api_and_rotates_the_auth_string(quick_platform):
     `platform_up` checks when the module ends.)"""
     started = quick_platform
     state = started.state
-    api_url = started.stack.api_url(state)
+    api_url = state.api_url
     assert api_url and httpx.get(f"{api_url}/health", timeout=5).status_code == 200
     os.kill(state.api.pid, signal.SIGKILL)
     again = started.hcx("up", timeout=300)

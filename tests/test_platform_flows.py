@@ -124,3 +124,27 @@ def test_a_run_whose_process_died_before_it_began_is_crashed_by_its_launcher(def
 
     settle_run.fn(run_id)
     assert not default_store.exists(default_store.staging_ref(upload_id))
+
+
+def test_standbys_wait_loaded_and_the_oldest_takes_the_next_run(default_store, make_request, unique_name):
+    """HCX_STANDBY_EXECUTORS (2) processes wait loaded; a run goes to the one waiting longest, the
+    others stay for the next runs, a new one loads behind, and the run completes in the process
+    that took it (its S3 and Prefect clients were built while it waited)."""
+    from flows import launcher
+
+    launcher.warm_up()
+    waiting = [process for _, process in launcher._standbys]
+    assert len(waiting) == 2 and all(process.poll() is None for process in waiting)
+
+    upload_id = uuid.uuid4().hex
+    default_store.upload(io.BytesIO(os.urandom(256 * 1024)), default_store.staging_ref(upload_id))
+    request = make_request(unique_name("standby"), upload_id=upload_id)
+    run_id = launcher.submit("upload", {"request": request.model_dump(mode="json")}, remote=False)
+
+    assert launcher._launched[run_id] is waiting[0]
+    still_waiting = [process for _, process in launcher._standbys]
+    assert len(still_waiting) == 2 and still_waiting[0] is waiting[1] and waiting[0] not in still_waiting
+    assert waiting[0].wait(timeout=120) == 0
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(run_id).state
+    assert state.is_completed(), state.message

@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from prefect import flow
@@ -170,3 +171,52 @@ def test_intervals_are_settings_and_the_dead_run_automations_follow_them():
 def test_a_stale_run_limit_below_the_heartbeat_is_refused_with_what_to_do():
     with pytest.raises(ValueError, match=r"HCX_STALE_RUN_SECONDS \(60\) must be above HCX_HEARTBEAT_SECONDS \(60\)"):
         Settings(heartbeat_seconds=60, stale_run_seconds=60)
+
+
+def test_the_cli_reads_its_settings_from_the_environment_then_dot_env(tmp_path, monkeypatch):
+    """The CLI does without pydantic-settings (a third of its start-up) but reads what the service's
+    settings would: HCX_* variables first, then ./.env, then the defaults."""
+    from cli.client import home, setting
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("HCX_TOKEN", "HCX_API_URL", "HCX_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "someone"))
+    assert setting("token") is None and home() == tmp_path / "someone" / ".hcx-images"
+    assert Settings().home == home()  # the service's default is the same place
+
+    (tmp_path / ".env").write_text("HCX_TOKEN=hcx_from_dotenv\nHCX_HOME=/srv/hcx\n")
+    assert setting("token") == "hcx_from_dotenv" and home() == Path("/srv/hcx")
+    monkeypatch.setenv("HCX_TOKEN", "hcx_from_env")
+    assert setting("token") == "hcx_from_env"
+
+
+def test_a_plain_http_api_gets_a_tls_context_that_trusts_nothing():
+    """No CA bundle is loaded for an http API (16 ms a command); should TLS ever be spoken over it,
+    no certificate verifies. An https API gets httpx's verified default."""
+    import ssl
+
+    from cli.client import tls_for
+
+    context = tls_for("http://127.0.0.1:8080")
+    assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
+    assert context.cert_store_stats()["x509_ca"] == 0
+    assert tls_for("https://images.example.org") is True
+
+
+def test_prefect_clients_share_one_tls_context(prefect_api, monkeypatch):
+    """Prefect builds a TLS context (the whole CA bundle) for each client unless given one; ours are
+    given the process's own, so a client per request costs no bundle load, and they still work."""
+    import ssl
+
+    from blocks.prefect_api import prefect_client
+
+    with prefect_client() as client:
+        client.hello()
+    built = []
+    original = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: built.append(1) or original(*a, **k))
+    for _ in range(3):
+        with prefect_client() as client:
+            assert client.hello().status_code == 200
+    assert built == []
