@@ -17,7 +17,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Access lines name paths and ids, never tokens (they travel in a header uvicorn does not log).
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_keep_alive=30)
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info", timeout_keep_alive=30,
+                http="httptools")
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     )
     standby_executors: int = Field(
         default=2, ge=1, le=16,
-        description="Processes the image API keeps loaded (Python, Prefect, the flows: ~110 MiB each) "
+        description="Processes the image API keeps loaded (Python, Prefect, the flows: ~140 MiB each) "
         "waiting for the next flow run it starts; one takes a run and a new one loads behind it (1.5-2 s), "
         "so with one, an operation that comes sooner after the last waits for it.",
     )
