@@ -24,6 +24,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.requests import ClientDisconnect
 
 from api.auth import Caller
 from api.images import IdempotencyKey, UploadParameters, claim_key, settle_key, release_key, upload_allowed
@@ -208,11 +209,14 @@ async def _read_part(request: Request, wanted: int) -> bytearray:
     """The body, `wanted` bytes, into one buffer as it arrives (no list of chunks joined into a
     second copy: a part is in memory once)."""
     data, received = bytearray(wanted), 0
-    async for chunk in request.stream():
-        if received + len(chunk) > wanted:
-            raise Refused(f"The part is longer than its Content-Length ({wanted} bytes): send it again.")
-        data[received:received + len(chunk)] = chunk
-        received += len(chunk)
+    try:
+        async for chunk in request.stream():
+            if received + len(chunk) > wanted:
+                raise Refused(f"The part is longer than its Content-Length ({wanted} bytes): send it again.")
+            data[received:received + len(chunk)] = chunk
+            received += len(chunk)
+    except ClientDisconnect:  # the client went away mid-part (it was logged as a 500 with a traceback)
+        raise Refused(f"The part was cut off after {received} of {wanted} bytes: send it again.") from None
     if received != wanted:  # cut off on the way
         raise Refused(f"The part ended after {received} of {wanted} bytes: send it again.")
     return data
