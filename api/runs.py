@@ -35,7 +35,7 @@ def _image_of(parameters: dict) -> Image | None:
 def _clean(message: str) -> str:
     for prefix in ("Flow run encountered an exception: ", "Task run encountered an exception: "):
         message = message.replace(prefix, "")
-    for type_name in ("Refused: ", "NotFound: ", "IntegrityError: ", "ChecksumMismatch: ", "StorageError: ",
+    for type_name in ("Refused: ", "NotFound: ", "IntegrityError: ", "ChecksumMismatch: ", "StorageError: ", "TransientSourceError: ",
                       "PermissionDenied: ", "HcxError: "):
         message = message.replace(type_name, "")
     return message.strip()

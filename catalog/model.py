@@ -175,6 +175,11 @@ class TransientStorageError(StorageError):
     """Worth retrying: timeouts, throttling, 5xx, dropped connections."""
 
 
+class TransientSourceError(HcxError):
+    """Fetching an image's source (a URL) failed in a way worth retrying: a timeout, a dropped
+    connection, a 5xx or 429 answer."""
+
+
 class IntegrityError(StorageError):
     """Bytes are not what they were said to be (size, hash, ETag or format); never retried."""
 

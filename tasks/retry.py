@@ -6,7 +6,7 @@ from __future__ import annotations
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from catalog.model import ConcurrentChange, TransientStorageError
+from catalog.model import ConcurrentChange, TransientSourceError, TransientStorageError
 
 RETRIES = 5
 
@@ -15,7 +15,7 @@ def retry_if_transient(task, task_run, state) -> bool:
     """Prefect's retry_condition_fn (a plain function, as Prefect requires)."""
     try:
         state.result()
-    except (TransientStorageError, ConcurrentChange):
+    except (TransientStorageError, TransientSourceError, ConcurrentChange):
         return True
     except Exception:
         return False

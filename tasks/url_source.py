@@ -26,7 +26,7 @@ from typing import Iterator, TypedDict, Unpack
 import httpcore
 import httpx
 
-from catalog.model import HcxError
+from catalog.model import HcxError, TransientSourceError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -168,8 +168,9 @@ def _unusable(response: httpx.Response, policy: UrlPolicy) -> HcxError | None:
     """Why the last answer cannot be read as the image, or None if it can."""
     url = _shown(response.url)
     if not response.is_success:
-        return HcxError(f"{url} answered HTTP {response.status_code} {response.reason_phrase}: "
-                        f"{_advice(response.status_code)}")
+        failed = TransientSourceError if response.status_code >= 500 or response.status_code == 429 else HcxError
+        return failed(f"{url} answered HTTP {response.status_code} {response.reason_phrase}: "
+                      f"{_advice(response.status_code)}")
     encoding = response.headers.get("Content-Encoding", "identity")
     if encoding.lower() != "identity":
         # Not decoded: one compressed read could inflate a thousandfold, past the memory bound.
@@ -186,8 +187,8 @@ def _advice(status: int) -> str:
         return "the server wants credentials or refuses access; give a URL that needs none (a pre-signed URL, say)."
     if status == 404:
         return "check the URL: the server has no such file."
-    if status >= 500:
-        return "the server failed; try again later or ask its owner."
+    if status >= 500 or status == 429:
+        return "the server failed or is busy; try again later or ask its owner."
     return "give a URL that answers the image itself (HTTP 200)."
 
 
@@ -371,19 +372,22 @@ def _errors_as_hcx(url: str, policy: UrlPolicy) -> Iterator[None]:
     try:
         yield
     except httpcore.ConnectTimeout as exc:
-        raise HcxError(f"Connecting to {url} timed out after {policy.connect_timeout} s (connect timeout): check "
-                       f"the host and port, or try again later.") from exc
+        raise TransientSourceError(f"Connecting to {url} timed out after {policy.connect_timeout} s (connect "
+                                   f"timeout): check the host and port, or try again later.") from exc
     except httpcore.ReadTimeout as exc:
-        raise HcxError(f"{url} sent nothing for {policy.read_timeout} s (read timeout): the server stalled; "
-                       f"try again later.") from exc
+        raise TransientSourceError(f"{url} sent nothing for {policy.read_timeout} s (read timeout): the server "
+                                   f"stalled; try again later.") from exc
     except httpcore.WriteTimeout as exc:
-        raise HcxError(f"{url} took none of our request for {policy.read_timeout} s (write timeout): the server "
-                       f"stalled; try again later.") from exc
+        raise TransientSourceError(f"{url} took none of our request for {policy.read_timeout} s (write timeout): "
+                                   f"the server stalled; try again later.") from exc
     except httpcore.PoolTimeout as exc:
-        raise HcxError(f"No connection for {url} became free in time: try again later.") from exc
-    except httpcore.ConnectError as exc:
+        raise TransientSourceError(f"No connection for {url} became free in time: try again later.") from exc
+    except httpcore.ConnectError as exc:  # a refused port, a name that does not resolve, a bad certificate
         raise HcxError(f"Cannot connect to {url} ({exc}): check the URL, and that the server is up "
                        f"and its certificate valid.") from exc
+    except (httpcore.ReadError, httpcore.WriteError, httpcore.RemoteProtocolError) as exc:  # dropped mid-way
+        raise TransientSourceError(f"The connection to {url} broke off ({str(exc) or type(exc).__name__}): "
+                                   f"try again later.") from exc
     except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, httpx.HTTPError) as exc:
         raise HcxError(f"Fetching {url} failed ({str(exc) or type(exc).__name__}): try again; if it fails again, "
                        f"check the URL with its owner.") from exc

@@ -41,7 +41,8 @@ LOOPBACK_ALLOWED = '["127.0.0.0/8"]'
 
 class _Handler(BaseHTTPRequestHandler):
     """/files/NAME (with its Content-Length), /chunked/NAME (no length announced), /hops/K/ROUTE/NAME
-    (K redirects, then ROUTE)."""
+    (K redirects, then ROUTE), /busy/K/NAME (503 K times, then the file), /cut/NAME (the first
+    answer breaks off halfway through the body, then the file)."""
 
     protocol_version = "HTTP/1.1"
     server: "_ImageServer"
@@ -56,9 +57,21 @@ class _Handler(BaseHTTPRequestHandler):
             left, _, target = rest.partition("/")
             location = f"/hops/{int(left) - 1}/{target}" if int(left) > 1 else f"/{target}"
             return write_answer(self, 302, b"", Location=location)
+        if route == "busy":
+            times, _, rest = rest.partition("/")
+            if self.server.requests.count(self.path) <= int(times):
+                return write_answer(self, 503, b"busy")
+            route = "files"
         data = self.server.files.get(rest)
         if data is None:
             return write_answer(self, 404, b"")
+        if route == "cut" and self.server.requests.count(self.path) == 1:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.close_connection = True
+            return None
         if route == "files":
             return write_answer(self, 200, data)
         write_chunked(self, data)
@@ -234,6 +247,31 @@ def test_a_source_over_the_size_limit_fails_and_leaves_nothing(monkeypatch, cata
     state = upload(UploadRequest(owner="alice", name=name, url=image_server.publish(raw_file, route=route),
                                  upload_id=upload_id), return_state=True)
     assert state.is_failed() and f"over the {limit}-byte limit" in state.message, state.message
+    assert_nothing_left(catalog, default_store, staging_leftovers, name=name, upload_id=upload_id)
+
+
+@pytest.mark.parametrize("route", ["busy/2", "cut"])
+def test_a_source_that_fails_for_a_while_is_fetched_again(catalog, image_server, raw_file, unique_name,
+                                                          default_store, staging_leftovers, route):
+    """A 503 (twice), or an answer that breaks off halfway: the fetch is retried with backoff and the
+    image ends READY with the bytes' sha256, nothing of the broken tries left."""
+    name, upload_id = unique_name("flaky"), uuid.uuid4().hex
+    url = image_server.publish(raw_file, route=route)
+    state = upload(UploadRequest(owner="alice", name=name, url=url, upload_id=upload_id), return_state=True)
+    assert state.is_completed(), state.message
+    image = catalog.get(state.result())
+    assert (image.state, image.sha256) == (ImageState.READY, sha256_of(raw_file))
+    path = url.split(str(image_server.server_address[1]), 1)[1]
+    assert image_server.requests.count(path) == (3 if route.startswith("busy") else 2)
+    assert staging_leftovers(default_store) == []
+
+
+def test_a_missing_file_is_not_fetched_again(catalog, image_server, unique_name, default_store, staging_leftovers):
+    name, upload_id = unique_name("gone"), uuid.uuid4().hex
+    url = f"http://127.0.0.1:{image_server.server_address[1]}/files/{uuid.uuid4().hex}"
+    state = upload(UploadRequest(owner="alice", name=name, url=url, upload_id=upload_id), return_state=True)
+    assert state.is_failed() and "answered HTTP 404" in state.message, state.message
+    assert image_server.requests.count(url.split(str(image_server.server_address[1]), 1)[1]) == 1
     assert_nothing_left(catalog, default_store, staging_leftovers, name=name, upload_id=upload_id)
 
 
