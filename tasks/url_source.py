@@ -203,8 +203,10 @@ def _content_length(response: httpx.Response) -> int | None:
 
 
 def _shown(url: httpx.URL) -> str:
-    """`url` for messages and logs: never with its user name or password."""
-    return str(url.copy_with(userinfo=b"", fragment=None))
+    """`url` for messages and logs: never with its user name or password, nor its query (a
+    pre-signed URL's signature is a credential): `?…` says there was one."""
+    shown = str(url.copy_with(userinfo=b"", query=None, fragment=None))
+    return f"{shown}?…" if url.query else shown
 
 
 def _checked_url(text: str) -> httpx.URL:
