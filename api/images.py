@@ -18,6 +18,7 @@ from api.bodies import BodyReader, declared_length
 from api.runs import run_left_no_image
 from api.shapes import PublishedChecksum, Remote, Started, Strict
 from blocks.datastore import ObjectRef, S3Datastore, load_datastore, service_buckets
+from blocks.sealed_urls import drop_sealed_url, seal_url, unsealed_form
 from catalog import operations, rules
 from catalog.identity import open_directory
 from catalog.idempotency import MAX_KEY_LENGTH, Claim, fingerprint, open_idempotency_keys
@@ -331,13 +332,20 @@ def _import(body: ImportImage, actor: Actor, remote: bool | None) -> Started:
     catalog().check_capacity(actor, datastore=datastore, limit_bytes=store.limit_bytes, required=required,
                              skip=body.skip_capacity_check)
     catalog().check_quota(owner=actor.user, group=actor.group, datastore=datastore, required_bytes=required)
+    upload_id = uuid.uuid4().hex  # made here, never by a client: /runs finds the image by it
+    sealed = seal_url(body.url, upload_id) if body.url else None
     request = UploadRequest(
         owner=actor.user, name=body.name, type=body.type, datastore=datastore, persistent=body.persistent,
-        bus=body.bus, driver=body.driver, description=body.description, url=body.url, s3_uri=body.s3,
+        bus=body.bus, driver=body.driver, description=body.description, s3_uri=body.s3,
+        url=unsealed_form(body.url) if sealed else body.url, sealed_url=sealed,
         s3_datastore=body.s3_datastore, checksum=checksum, skip_capacity_check=body.skip_capacity_check,
-        upload_id=uuid.uuid4().hex,  # made here, never by a client: /runs finds the image by it
+        upload_id=upload_id,
     )
-    return _started(submit("upload", {"request": request.model_dump(mode="json")}, remote=remote))
+    try:
+        return _started(submit("upload", {"request": request.model_dump(mode="json")}, remote=remote))
+    except BaseException:
+        drop_sealed_url(sealed)  # no run will fetch it
+        raise
 
 
 def _source_size(actor: Actor, body: ImportImage, datastore: str) -> int:

@@ -117,6 +117,11 @@ class UploadRequest(RequestedBy):
     description: Description = ""
     path: str | None = Field(default=None, description="A file on the worker to stage first (server-side read)")
     url: ImageUrl | None = Field(default=None, description="An http(s) URL to fetch the image from")
+    sealed_url: SkipJsonSchema[str | None] = Field(
+        default=None, max_length=128,
+        description="Set by the image API when `url` had a query (a pre-signed URL's signature): the name under "
+                    "which the service keeps the whole URL while it is fetched; `url` is then shown without it",
+    )
     s3_uri: S3Uri | None = Field(default=None, description="An S3 object to read the image from: s3://BUCKET/KEY")
     s3_datastore: str | None = Field(
         default=None, max_length=128,

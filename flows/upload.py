@@ -19,6 +19,7 @@ from prefect import get_run_logger
 from prefect.runtime import flow_run
 
 from blocks.datastore import load_datastore
+from blocks.sealed_urls import drop_sealed_url
 from catalog.model import HcxError, IntegrityError
 from catalog import rules
 from catalog.requests import UploadRequest
@@ -49,6 +50,7 @@ def _on_success(flow, run, state) -> None:
 
 def _on_failure(flow, run, state) -> None:
     request = _request_of(run)
+    _drop_sealed_url(request)
     upload_id = upload_id_of(request, run.id)
     image = open_catalog().find_by_upload_id(upload_id)
     mine = owns(image, str(run.id))
@@ -66,6 +68,14 @@ def _drop_staging(datastore: str, upload_id: str) -> None:
         drop_staged(store, store.staging_ref(upload_id), upload_id)
     except HcxError:
         log.exception("could not delete the staging object of upload %s; reconcile will", upload_id)
+
+
+def _drop_sealed_url(request: UploadRequest) -> None:
+    """A failed import keeps no credential: one fetched again is imported again, with a fresh URL."""
+    try:
+        drop_sealed_url(request.sealed_url)
+    except Exception:  # noqa: BLE001  (a hook must finish; the block holds one tenant's URL, logged by name)
+        log.exception("could not drop the sealed URL %s of a failed import", request.sealed_url)
 
 
 def _run_name() -> str:

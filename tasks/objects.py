@@ -11,6 +11,7 @@ from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
 from blocks.datastore import MAX_PARTS, ObjectInfo, ObjectRef, S3Datastore, load_datastore, service_buckets
+from blocks.sealed_urls import drop_sealed_url, unseal_url
 from catalog import rules
 from catalog.model import DiskFormat, HcxError, Image, IntegrityError, Refused, StorageError, human_size
 from catalog.requests import Checksum, UploadRequest
@@ -146,13 +147,15 @@ def stage_url(request: UploadRequest, upload_id: str) -> str:
     if _staged_before(store, staged, upload_id):
         return str(staged)
     policy = url_policy()
+    url = unseal_url(request.sealed_url) if request.sealed_url else request.url
     record_staging(staged, upload_id, owner=request.owner, group=request.actor().group)
-    with _nothing_left_on_failure(store, staged, upload_id), open_url(request.url, policy) as stream:
+    with _nothing_left_on_failure(store, staged, upload_id), open_url(url, policy) as stream:
         what = f"{stream.final_url} ({stream.size} bytes)" if stream.size is not None else stream.final_url
         progress = ProgressArtifact(stream.size, f"Fetching {what} into {request.datastore}")
         _stage_stream(stream if stream.size is not None else _UnknownLength(stream), store=store, staged=staged,
                       upload_id=upload_id, size=stream.size, declared=request.driver, checksum=request.checksum,
                       origin=f"The image at {stream.final_url}", progress=progress)
+    drop_sealed_url(request.sealed_url)  # the bytes are staged: the URL's credential is needed no more
     return str(staged)
 
 

@@ -26,6 +26,7 @@ from typing import Iterator, TypedDict, Unpack
 import httpcore
 import httpx
 
+from blocks.sealed_urls import unsealed_form
 from catalog.model import HcxError, TransientSourceError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -205,8 +206,7 @@ def _content_length(response: httpx.Response) -> int | None:
 def _shown(url: httpx.URL) -> str:
     """`url` for messages and logs: never with its user name or password, nor its query (a
     pre-signed URL's signature is a credential): `?…` says there was one."""
-    shown = str(url.copy_with(userinfo=b"", query=None, fragment=None))
-    return f"{shown}?…" if url.query else shown
+    return unsealed_form(str(url.copy_with(userinfo=b"")))
 
 
 def _checked_url(text: str) -> httpx.URL:

@@ -19,6 +19,7 @@ from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 
 import tasks.objects
 from blocks.datastore import S3Datastore
@@ -52,7 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.requests.append(self.path)
-        route, _, rest = self.path.strip("/").partition("/")
+        route, _, rest = self.path.split("?", 1)[0].strip("/").partition("/")  # a query only signs
         if route == "hops":
             left, _, target = rest.partition("/")
             location = f"/hops/{int(left) - 1}/{target}" if int(left) > 1 else f"/{target}"
@@ -273,6 +274,46 @@ def test_a_missing_file_is_not_fetched_again(catalog, image_server, unique_name,
     assert state.is_failed() and "answered HTTP 404" in state.message, state.message
     assert image_server.requests.count(url.split(str(image_server.server_address[1]), 1)[1]) == 1
     assert_nothing_left(catalog, default_store, staging_leftovers, name=name, upload_id=upload_id)
+
+
+SIGNATURE = "X-Amz-Signature=5ec2e7d0c0ffee"
+
+
+def _sealed_block_gone(upload_id: str) -> bool:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_block_document_by_name(f"hcx-url-{upload_id}", block_type_slug="secret")
+        except ObjectNotFound:
+            return True
+    return False
+
+
+def test_a_pre_signed_urls_signature_stays_out_of_parameters_catalog_and_messages(cli, catalog, image_server, raw_file,
+                                                                                  unique_name):
+    """The server is asked for the whole URL; the flow run's parameters, the catalog (image, history,
+    the operation it recorded) and the CLI's output hold it without its query, and the Secret block
+    that held it while it was fetched is gone."""
+    name = unique_name("signed")
+    result = cli("create", "--name", name, "--url", f"{image_server.publish(raw_file)}?{SIGNATURE}&X-Amz-Expires=600",
+                 "--wait")
+    assert result.exit_code == 0, result.stderr
+    [image] = named(catalog, name)
+    assert (image.state, image.sha256) == (ImageState.READY, sha256_of(raw_file))
+    assert any(SIGNATURE in request for request in image_server.requests)
+    with get_client(sync_client=True) as client:
+        parameters = client.read_flow_run(UUID(flow_run_of(result.stdout))).parameters
+    assert parameters["request"]["url"].endswith("?…") and parameters["request"]["sealed_url"]
+    assert SIGNATURE not in repr(parameters) + repr(catalog_snapshot(catalog)) + result.stdout + result.stderr
+    assert _sealed_block_gone(image.upload_id)
+
+
+def test_a_failed_import_of_a_pre_signed_url_keeps_no_credential(cli, catalog, image_server, unique_name):
+    name = unique_name("signed-gone")
+    missing = f"http://127.0.0.1:{image_server.server_address[1]}/files/{uuid.uuid4().hex}?{SIGNATURE}"
+    result = cli("create", "--name", name, "--url", missing, "--wait")
+    assert result.exit_code == 1 and "answered HTTP 404" in result.stderr, result.stderr
+    assert SIGNATURE not in result.stdout + result.stderr
+    assert named(catalog, name) == [] and _sealed_block_gone(upload_id_of(flow_run_of(result.stdout)))
 
 
 def test_a_wrong_published_checksum_on_a_url_leaves_nothing(cli, catalog, image_server, raw_file, unique_name,
