@@ -246,6 +246,9 @@ class _Stale(Exception):
     """A compare-and-set lost the race: re-read and decide again."""
 
 
+Stale = _Stale  # what a plan of `Catalog.commit_rows` raises when one of its own rows moved
+
+
 class Catalog:
     def __init__(self, url: str):
         self.engine = _make_engine(url)
@@ -444,6 +447,20 @@ class Catalog:
             return [self.find(i) if i is not None else None for i in ids]
         raise ConcurrentChange(
             f"Image {', '.join(str(s.image.id) for s in steps)} kept changing under this request; try again.")
+
+    def commit_rows(self, plan: Callable[[sa.Connection, Reader], list[Step]], *, writer: str | None = None) -> None:
+        """`commit` for a plan that also writes rows of another catalog table on the same connection
+        (a VM's disks, `catalog.vms`): those rows and the image moves commit together or not at all.
+        A plan whose own rows moved meanwhile raises `Stale`, and is run again on fresh rows; a
+        unique constraint it breaks propagates for it to explain."""
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            try:
+                with self.engine.connect().execution_options(**_WRITING) as conn, conn.begin():
+                    self._write(conn, plan(conn, lambda image_id: self._read(conn, image_id)), writer)
+                return
+            except _Stale:
+                continue
+        raise ConcurrentChange("The catalog kept changing under this request; try again.")
 
     def transition(self, image_id: int, rule: Callable[..., Changes], *args, owner: str | None = None,
                    writer: str | None = None, message: str = "",
