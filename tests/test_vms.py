@@ -1,0 +1,359 @@
+"""VMs using images, through the real prolog and epilog flows on the session's SeaweedFS and Prefect:
+persistent disks linked (no byte copied), non-persistent ones copied into the system datastore and
+deleted with the VM; the acquire table row by row; release to READY only when no VM and no clone
+holds the image; a VM waiting on an image being uploaded; template rules and refusals that change
+nothing; the API and CLI verbs, with who may see what."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from blocks.datastore import ObjectRef, load_datastore
+from catalog import operations, vms
+from catalog.model import ImageState, ImageType, NotFound, Refused
+from catalog.requests import CloneRequest, VmDisksRequest
+from catalog.settings import get_settings
+from flows.upload import upload
+from flows.vm_epilog import vm_epilog
+from flows.vm_prolog import vm_prolog
+from tasks import transfer
+from tests.conftest import ALICE, BOB, DENY_SERVER_COPIES, catalog_snapshot
+
+S = ImageState
+OS, DATABLOCK, CDROM = ImageType.OS, ImageType.DATABLOCK, ImageType.CDROM
+
+
+def prolog(vm_id: int, *image_ids: int, **options):
+    return vm_prolog(VmDisksRequest(owner="alice", vm_id=vm_id, image_ids=list(image_ids) or None), **options)
+
+
+def epilog(vm_id: int, *image_ids: int):
+    return vm_epilog(VmDisksRequest(owner="alice", vm_id=vm_id, image_ids=list(image_ids) or None))
+
+
+def terminate(catalog, vm_id: int, *, failed: bool = False) -> vms.Vm:
+    vms.begin_terminate(catalog, ALICE, vm_id, failed=failed)
+    epilog(vm_id)
+    return vms.get(catalog, vm_id)
+
+
+def system_objects() -> set[str]:
+    store = load_datastore(get_settings().system_datastore)
+    return {f"s3://{store.bucket}/{o['Key']}" for o in store.list_keys(store.bucket, f"{store.prefix}vms/")}
+
+
+def holds(image, disk: vms.VmDisk) -> bool:
+    """The disk's object re-hashes to the image's recorded sha256."""
+    ref = ObjectRef.parse(disk.datastore, disk.object)
+    return transfer.matches(load_datastore(disk.datastore), ref, size=image.size, sha256=image.sha256)
+
+
+def vm_rows(catalog) -> tuple:
+    with catalog.engine.connect() as conn:
+        return (conn.execute(sa.select(vms.vms).order_by(vms.vms.c.id)).all(),
+                conn.execute(sa.select(vms.vm_disks).order_by(vms.vm_disks.c.vm_id)).all())
+
+
+def everything(catalog) -> tuple:
+    """What a refusal must leave as it was: image rows and history, VM and disk rows, VM copies."""
+    vms.list_vms(catalog, ALICE)  # the VM tables exist
+    return catalog_snapshot(catalog), vm_rows(catalog), system_objects()
+
+
+def test_persistent_disk_is_a_link_non_persistent_a_verified_copy_and_epilog_removes_it(
+        catalog, ready_image, unique_name):
+    """Two VMs share a non-persistent DATABLOCK (a copy each), one of them boots a persistent OS
+    image (a link); a third VM is refused the persistent image in use. Terminating releases: the
+    persistent image READY with its data, the non-persistent one USED until its last VM is gone."""
+    os_disk = ready_image(persistent=True, type_=OS)
+    other_os = ready_image(type_=OS, size=64 * 1024)
+    shared = ready_image(size=256 * 1024)
+    before = system_objects()
+
+    first = vms.create(catalog, ALICE, unique_name("vm"), [os_disk.id, shared.id])
+    assert (first.state, [d.state for d in first.disks]) == (vms.VmState.PENDING, [vms.DiskState.PENDING] * 2)
+    assert (catalog.get(os_disk.id).state, catalog.get(os_disk.id).running_vms) == (S.USED_PERS, 1)
+    assert (catalog.get(shared.id).state, catalog.get(shared.id).running_vms) == (S.USED, 1)
+    assert prolog(first.id) == first.id
+    running = vms.get(catalog, first.id)
+    link, copy = running.disk(os_disk.id), running.disk(shared.id)
+    assert running.state is vms.VmState.RUNNING
+    assert (link.mode, link.state, link.datastore, link.object) == (
+        vms.DiskMode.LINK, vms.DiskState.READY, os_disk.datastore, os_disk.source)
+    assert (copy.mode, copy.state, copy.datastore) == (vms.DiskMode.COPY, vms.DiskState.READY, "system")
+    assert copy.object == str(load_datastore("system").vm_disk_ref(first.id, shared.id)) and holds(shared, copy)
+    assert system_objects() - before == {copy.object}  # only the copy: the link moved no byte
+
+    second = vms.create(catalog, ALICE, unique_name("vm"), [other_os.id, shared.id])
+    assert (catalog.get(shared.id).state, catalog.get(shared.id).running_vms) == (S.USED, 2)
+    prolog(second.id)
+    unchanged = everything(catalog)
+    with pytest.raises(Refused, match=f"Cannot acquire image {os_disk.id}: it is persistent and already in use"):
+        vms.create(catalog, ALICE, unique_name("vm"), [os_disk.id])
+    assert everything(catalog) == unchanged
+
+    assert terminate(catalog, first.id).state is vms.VmState.TERMINATED
+    assert copy.object not in system_objects()
+    kept = catalog.get(os_disk.id)
+    assert (kept.state, kept.running_vms, kept.source, kept.sha256) == (S.READY, 0, os_disk.source, os_disk.sha256)
+    assert (catalog.get(shared.id).state, catalog.get(shared.id).running_vms) == (S.USED, 1)
+    terminate(catalog, second.id)
+    assert (catalog.get(shared.id).state, catalog.get(shared.id).running_vms) == (S.READY, 0)
+    assert system_objects() == before
+    assert [h["to_state"] for h in catalog.history(shared.id)][-4:] == ["USED", "USED", "USED", "READY"]
+    # The name of a terminated VM is free again.
+    again = vms.create(catalog, ALICE, first.name, [os_disk.id])
+    vms.begin_terminate(catalog, ALICE, again.id)
+    epilog(again.id)
+
+
+def test_release_reaches_ready_only_when_no_vm_and_no_clone_hold_it(catalog, ready_image, unique_name):
+    """A non-persistent image used by a VM and cloned at once: the VM's release leaves it USED
+    (CLONING_OPS 1); the clone's end brings it back to READY."""
+    image = ready_image(type_=OS, size=64 * 1024)
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [image.id])
+    prolog(vm.id)
+    request = CloneRequest(owner="alice", source_id=image.id, name=unique_name("clone"))
+    target = operations.begin_clone(catalog, ALICE, request, object_id=unique_name("obj"), limit_bytes=None,
+                                    run_id=None)
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms, catalog.get(image.id).cloning_ops) == (
+        S.USED, 1, 1)
+    terminate(catalog, vm.id)
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms, catalog.get(image.id).cloning_ops) == (
+        S.USED, 0, 1)
+    operations.finish_clone(catalog, target.id, error="stopped by the test", run_id=None)
+    assert (catalog.get(image.id).state, catalog.get(image.id).cloning_ops) == (S.READY, 0)
+
+
+def test_terminate_failed_puts_the_persistent_image_in_error_and_keeps_non_persistent_ones(
+        catalog, ready_image, unique_name):
+    persistent = ready_image(persistent=True, type_=OS, size=64 * 1024)
+    shared = ready_image(size=64 * 1024)
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [persistent.id, shared.id])
+    prolog(vm.id)
+    copy = vms.get(catalog, vm.id).disk(shared.id).object
+    assert terminate(catalog, vm.id, failed=True).state is vms.VmState.TERMINATED
+    failed = catalog.get(persistent.id)
+    assert (failed.state, failed.running_vms) == (S.ERROR, 0)
+    assert "A VM using the image failed; its data may be inconsistent" in failed.error
+    assert (catalog.get(shared.id).state, catalog.get(shared.id).running_vms) == (S.READY, 0)
+    assert copy not in system_objects()
+
+
+# --- the acquire table, row by row -------------------------------------------------------------
+
+# (state, persistent, counters) -> what a deploy does; the refused rows' messages are the rules'.
+ACQUIRE_REFUSED = [
+    (S.USED_PERS, True, {"running_vms": 1}, "it is persistent and already in use"),
+    (S.LOCKED_USED_PERS, True, {"running_vms": 1}, "it is persistent and already in use"),
+    (S.INIT, False, {}, "it is in state INIT"),
+    (S.DISABLED, False, {}, "it is in state DISABLED"),
+    (S.ERROR, False, {}, "it is in state ERROR"),
+    (S.DELETE, False, {}, "it is in state DELETE"),
+    (S.CLONE, True, {"cloning_ops": 1}, "it is in state CLONE"),
+]
+
+
+@pytest.mark.parametrize("state, persistent, counters, message", ACQUIRE_REFUSED)
+def test_deploy_is_refused_with_the_rules_message_and_nothing_changes(catalog, put_image, unique_name,
+                                                                       state, persistent, counters, message):
+    image = put_image(state, persistent=persistent, **counters)
+    unchanged = everything(catalog)
+    with pytest.raises(Refused, match=f"image {image.id}.*{message}"):
+        vms.create(catalog, ALICE, unique_name("vm"), [image.id])
+    assert everything(catalog) == unchanged
+
+
+@pytest.mark.parametrize("state, persistent, after", [
+    (S.READY, False, S.USED), (S.READY, True, S.USED_PERS), (S.USED, False, S.USED),
+    (S.LOCKED, False, S.LOCKED_USED), (S.LOCKED, True, S.LOCKED_USED_PERS), (S.LOCKED_USED, False, S.LOCKED_USED),
+])
+def test_deploy_acquires_per_the_table(catalog, put_image, unique_name, state, persistent, after):
+    counted = {"running_vms": 1} if state in (S.USED, S.LOCKED_USED) else {}
+    image = put_image(state, persistent=persistent, **counted)
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [image.id])
+    acquired = catalog.get(image.id)
+    assert (acquired.state, acquired.running_vms) == (after, image.running_vms + 1)
+    assert vm.state is vms.VmState.PENDING
+    # Released by a terminate before its prolog ran: back to where it was.
+    vms.begin_terminate(catalog, ALICE, vm.id)
+    vms.release_disk(catalog, vm.id, image.id)
+    released = catalog.get(image.id)
+    assert (released.state, released.running_vms) == (state, image.running_vms)
+    assert vms.finish_terminate(catalog, vm.id).state is vms.VmState.TERMINATED
+
+
+@pytest.fixture(scope="module")
+def running_vm(stack_state):
+    """One RUNNING VM of alice's (a non-persistent OS disk) for the hot-attach rows."""
+    from catalog.store import open_catalog
+    from tests.conftest import upload_request
+
+    catalog = open_catalog()
+    import os
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".raw") as file:
+        file.write(os.urandom(64 * 1024))
+        file.flush()
+        image_id = upload(upload_request(f"vm-os-{os.getpid()}-{id(file)}", path=file.name, type=OS))
+    vm = vms.create(catalog, ALICE, f"attach-{image_id}", [image_id])
+    prolog(vm.id)
+    assert vms.get(catalog, vm.id).state is vms.VmState.RUNNING
+    return vms.get(catalog, vm.id)
+
+
+@pytest.mark.parametrize("state, persistent, counters, message", [
+    (S.LOCKED, False, {}, "it is locked"),
+    (S.LOCKED_USED, False, {"running_vms": 1}, "it is locked"),
+    (S.USED_PERS, True, {"running_vms": 1}, "it is persistent and already in use"),
+    (S.ERROR, False, {}, "it is in state ERROR"),
+])
+def test_hot_attach_refusals_change_nothing(catalog, put_image, running_vm, state, persistent, counters, message):
+    image = put_image(state, persistent=persistent, type=DATABLOCK, **counters)
+    unchanged = everything(catalog)
+    with pytest.raises(Refused, match=f"image {image.id}.*{message}"):
+        vms.attach(catalog, ALICE, running_vm.id, image.id)
+    assert everything(catalog) == unchanged
+
+
+def test_attach_then_detach_copies_and_removes_the_disk(catalog, ready_image, running_vm):
+    image = ready_image(size=64 * 1024)
+    vms.attach(catalog, ALICE, running_vm.id, image.id)
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.USED, 1)
+    prolog(running_vm.id, image.id)
+    disk = vms.get(catalog, running_vm.id).disk(image.id)
+    assert disk.state is vms.DiskState.READY and holds(image, disk)
+    unchanged = everything(catalog)
+    with pytest.raises(Refused, match="Rule 'exactly one OS disk'.*cannot be detached"):
+        vms.begin_detach(catalog, ALICE, running_vm.id, running_vm.disks[0].image_id)
+    assert everything(catalog) == unchanged
+    vms.begin_detach(catalog, ALICE, running_vm.id, image.id)
+    epilog(running_vm.id, image.id)
+    after = vms.get(catalog, running_vm.id)
+    assert after.state is vms.VmState.RUNNING and after.disk(image.id) is None
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.READY, 0)
+    assert disk.object not in system_objects()
+
+
+# --- the template rules -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("types, container, message", [
+    ([DATABLOCK], False, "Rule 'exactly one OS disk'.*none is an OS image"),
+    ([OS, OS], False, "Rule 'exactly one OS disk'.*are OS images"),
+    ([OS, CDROM, CDROM], False, "Rule 'at most one CDROM'"),
+    ([OS, DATABLOCK], True, "Rule 'no DATABLOCK on a container'"),
+])
+def test_template_rules_refuse_before_anything_moves(catalog, put_image, unique_name, types, container, message):
+    images = [put_image(S.READY, type=t) for t in types]
+    unchanged = everything(catalog)
+    with pytest.raises(Refused, match=message):
+        vms.create(catalog, ALICE, unique_name("vm"), [i.id for i in images], container=container)
+    assert everything(catalog) == unchanged
+
+
+def test_container_takes_os_and_cdrom(catalog, put_image, unique_name):
+    os_image, cdrom = put_image(S.READY, type=OS), put_image(S.READY, type=CDROM)
+    vm = vms.create(catalog, ALICE, unique_name("ct"), [os_image.id, cdrom.id], container=True)
+    assert vm.container and {d.image_type for d in vm.disks} == {OS, CDROM}
+    vms.begin_terminate(catalog, ALICE, vm.id)
+    for image in (os_image, cdrom):
+        vms.release_disk(catalog, vm.id, image.id)
+    assert (catalog.get(os_image.id).state, catalog.get(cdrom.id).state) == (S.READY, S.READY)
+
+
+def test_images_and_vms_one_may_not_see_answer_as_missing(catalog, put_image, unique_name):
+    hidden = put_image(S.READY, type=OS)  # alice's, 600
+    unchanged = everything(catalog)
+    with pytest.raises(NotFound, match=f"Image {hidden.id} does not exist"):
+        vms.create(catalog, BOB, unique_name("vm"), [hidden.id])
+    assert everything(catalog) == unchanged
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [hidden.id])
+    with pytest.raises(NotFound, match=f"VM {vm.name} does not exist"):
+        vms.by_name(catalog, BOB, vm.name)
+    with pytest.raises(NotFound, match=f"VM {vm.id} does not exist"):
+        vms.begin_terminate(catalog, BOB, vm.id)
+    assert vms.get(catalog, vm.id).state is vms.VmState.PENDING
+    vms.begin_terminate(catalog, ALICE, vm.id)
+    vms.release_disk(catalog, vm.id, hidden.id)
+
+
+# --- waiting on an image being uploaded ----------------------------------------------------------
+
+def _held_upload(catalog, new_datastore, cuttable_proxy, make_request, unique_name, tmp_path, *, persistent: bool):
+    """An upload in a thread, held in its copy into the datastore: its image LOCKED."""
+    datastore = new_datastore(cuttable_proxy.endpoint, staging_bucket=True)
+    cuttable_proxy.hold(DENY_SERVER_COPIES)
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"\x01" * (96 * 1024))
+    name = unique_name("uploading")
+    outcome: list = []
+    thread = threading.Thread(target=lambda: outcome.append(upload(
+        make_request(name, path=str(path), datastore=datastore, type=DATABLOCK, persistent=persistent),
+        return_state=True)))
+    thread.start()
+    while (image := catalog.name_owner("alice", name)) is None or image.state is not S.LOCKED:
+        assert thread.is_alive(), outcome
+        threading.Event().wait(0.1)
+    return image, thread
+
+
+def _wait_for_disk_state(catalog, vm_id: int, image_id: int, state: vms.DiskState, thread: threading.Thread) -> None:
+    while vms.get(catalog, vm_id).disk(image_id).state is not state:
+        assert thread.is_alive()
+        threading.Event().wait(0.1)
+
+
+def test_vm_waits_for_the_upload_then_gets_its_disk(catalog, new_datastore, cuttable_proxy, make_request,
+                                                    unique_name, tmp_path, running_vm):
+    image, uploading = _held_upload(catalog, new_datastore, cuttable_proxy, make_request, unique_name, tmp_path,
+                                    persistent=True)
+    with pytest.raises(Refused, match=f"Cannot acquire image {image.id}: it is locked"):
+        vms.attach(catalog, ALICE, running_vm.id, image.id)
+    os_disk = running_vm.disks[0].image_id  # non-persistent: a second VM may use it
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [os_disk, image.id])
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.LOCKED_USED_PERS, 1)
+    booting = threading.Thread(target=prolog, args=(vm.id,))
+    booting.start()
+    _wait_for_disk_state(catalog, vm.id, image.id, vms.DiskState.WAITING, booting)
+    assert vms.get(catalog, vm.id).state is vms.VmState.PENDING
+    cuttable_proxy.hold(None)  # the copy goes through (retried): the upload finishes
+    uploading.join()
+    booting.join()
+    uploaded = catalog.get(image.id)
+    assert (uploaded.state, uploaded.running_vms) == (S.USED_PERS, 1)
+    started = vms.get(catalog, vm.id)
+    assert started.state is vms.VmState.RUNNING
+    assert (started.disk(image.id).state, started.disk(image.id).object) == (vms.DiskState.READY, uploaded.source)
+    terminate(catalog, vm.id)
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.READY, 0)
+
+
+def test_vm_waiting_on_an_upload_that_fails_ends_failed_and_releases_it(
+        catalog, new_datastore, cuttable_proxy, make_request, unique_name, tmp_path, running_vm):
+    """Its OS disk was copied already: the copy goes too, and both images are released."""
+    image, uploading = _held_upload(catalog, new_datastore, cuttable_proxy, make_request, unique_name, tmp_path,
+                                    persistent=False)
+    os_disk = running_vm.disks[0].image_id
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [os_disk, image.id])
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.LOCKED_USED, 1)
+    before = system_objects()
+    booting: list = []
+    thread = threading.Thread(target=lambda: booting.append(prolog(vm.id, return_state=True)))
+    thread.start()
+    _wait_for_disk_state(catalog, vm.id, image.id, vms.DiskState.WAITING, thread)
+    cuttable_proxy.deny(DENY_SERVER_COPIES)  # the copy is refused (403): the upload fails
+    cuttable_proxy.hold(None)
+    uploading.join()
+    thread.join()
+    assert booting[0].is_failed()
+    failed = vms.get(catalog, vm.id)
+    assert failed.state is vms.VmState.FAILED and failed.disks == ()
+    assert f"Image {image.id} went to ERROR while the VM waited for it" in failed.error
+    after = catalog.get(image.id)
+    assert (after.state, after.running_vms, after.cloning_ops) == (S.ERROR, 0, 0)
+    assert catalog.get(os_disk).running_vms == 1  # running_vm's only
+    assert system_objects() == before
+    assert terminate(catalog, vm.id).state is vms.VmState.TERMINATED  # nothing left to release
