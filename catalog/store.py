@@ -14,6 +14,7 @@ moves an image to another user or group).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -574,7 +575,17 @@ class Catalog:
         return Refused("The catalog refused the change (a name or upload id is taken): try again.")
 
 
-@lru_cache
+_opening = threading.Lock()
+
+
 def open_catalog(url: str | None = None) -> Catalog:
-    """The catalog of these settings (one engine per URL per process)."""
+    """The catalog of these settings (one engine per URL per process). Opened under a lock: a
+    service's first requests arrive together, and concurrent CREATE TABLEs on one SQLite file fail
+    with "database is locked" (SQLite does not wait for a lock a reader wants to upgrade)."""
+    with _opening:
+        return _open_catalog(url)
+
+
+@lru_cache
+def _open_catalog(url: str | None) -> Catalog:
     return Catalog(url or get_settings().catalog_url)

@@ -16,6 +16,7 @@ system datastore, made by the prolog flow; the epilog flow deletes copies and re
 from __future__ import annotations
 
 import enum
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -126,6 +127,9 @@ def missing_vm(name: str | int) -> NotFound:
     return NotFound(f"VM {name} does not exist: `hcx-image vm list` shows your VMs.")
 
 
+_making_tables = threading.Lock()
+
+
 @lru_cache
 def _tables_made(engine: sa.Engine) -> bool:
     metadata.create_all(engine, tables=[vms, vm_disks])
@@ -133,7 +137,10 @@ def _tables_made(engine: sa.Engine) -> bool:
 
 
 def _ready(catalog: Catalog) -> Catalog:
-    _tables_made(catalog.engine)
+    """The catalog, with the VM tables (made here when the catalog was opened before this module
+    was imported; one thread at a time: concurrent CREATE TABLEs on SQLite fail)."""
+    with _making_tables:
+        _tables_made(catalog.engine)
     return catalog
 
 

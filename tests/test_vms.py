@@ -357,3 +357,99 @@ def test_vm_waiting_on_an_upload_that_fails_ends_failed_and_releases_it(
     assert catalog.get(os_disk).running_vms == 1  # running_vm's only
     assert system_objects() == before
     assert terminate(catalog, vm.id).state is vms.VmState.TERMINATED  # nothing left to release
+
+
+# --- races on PostgreSQL -------------------------------------------------------------------------
+
+def test_fifty_concurrent_creates_on_one_persistent_image_one_wins_on_postgresql(pg_catalog):
+    """50 `vm create` at once on one persistent image, three rounds on PostgreSQL: exactly one VM
+    each time, 49 refused with the rules' message and nothing of theirs written, RUNNING_VMS = 1."""
+    from tests.conftest import all_at_once, register_image
+
+    image = register_image(pg_catalog, "shared-os", persistent=True, size=1024)
+    for round_ in range(3):
+        results = all_at_once([lambda i=i: vms.create(pg_catalog, ALICE, f"race-{round_}-{i}", [image.id])
+                               for i in range(50)])
+        won = [r for r in results if isinstance(r, vms.Vm)]
+        refused = [r for r in results if not isinstance(r, vms.Vm)]
+        assert len(won) == 1 and len(refused) == 49, [r for r in refused if not isinstance(r, Refused)]
+        assert all(f"Cannot acquire image {image.id}: it is persistent and already in use" in str(r) for r in refused)
+        held = pg_catalog.get(image.id)
+        assert (held.state, held.running_vms) == (S.USED_PERS, 1)
+        live = [vm for vm in vms.list_vms(pg_catalog, ALICE)]
+        assert [vm.id for vm in live] == [won[0].id] and len(vm_rows(pg_catalog)[1]) == 1
+        assert sum("acquired by VM" in h["message"] for h in pg_catalog.history(image.id)) == round_ + 1
+        vms.begin_terminate(pg_catalog, ALICE, won[0].id)
+        vms.release_disk(pg_catalog, won[0].id, image.id)
+        vms.finish_terminate(pg_catalog, won[0].id)
+        assert (pg_catalog.get(image.id).state, pg_catalog.get(image.id).running_vms) == (S.READY, 0)
+
+
+def test_concurrent_creates_count_every_vm_and_one_name_wins_on_postgresql(pg_catalog):
+    """30 VMs at once on one non-persistent image all count (RUNNING_VMS = 30); 20 at once under one
+    name: one VM, the others refused by name, their acquisitions undone with them."""
+    from tests.conftest import all_at_once, register_image
+
+    image = register_image(pg_catalog, "np-os", size=1024)
+    results = all_at_once([lambda i=i: vms.create(pg_catalog, ALICE, f"many-{i}", [image.id]) for i in range(30)])
+    assert all(isinstance(r, vms.Vm) for r in results), results
+    assert (pg_catalog.get(image.id).state, pg_catalog.get(image.id).running_vms) == (S.USED, 30)
+    results = all_at_once([lambda: vms.create(pg_catalog, ALICE, "one-name", [image.id]) for _ in range(20)])
+    won = [r for r in results if isinstance(r, vms.Vm)]
+    assert len(won) == 1
+    assert all(isinstance(r, Refused) and f"VM name 'one-name' is already taken by VM {won[0].id}" in str(r)
+               for r in results if r is not won[0])
+    assert pg_catalog.get(image.id).running_vms == 31 and len(vm_rows(pg_catalog)[1]) == 31
+
+
+# --- the API and the CLI ---------------------------------------------------------------------------
+
+def test_api_race_on_a_persistent_image_and_who_sees_what(api_as, catalog, ready_image, unique_name):
+    """20 `POST /vms` at once on one persistent image through the image API: one 202, 19 × 409 with
+    the rules' message. Bob may neither use alice's image nor see her VM (404, as if missing)."""
+    from tests.conftest import all_at_once
+
+    image = ready_image(persistent=True, type_=OS, size=64 * 1024)
+    alice, bob = api_as("alice"), api_as("bob")
+    names = [unique_name("api") for _ in range(20)]
+    answers = all_at_once([lambda n=n: alice.post("/vms", json={"name": n, "disks": [image.id]}) for n in names])
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [202] + [409] * 19, [a.text for a in answers]
+    assert all("it is persistent and already in use" in a.json()["detail"] for a in answers if a.status_code == 409)
+    winner = next(a.json() for a in answers if a.status_code == 202)
+    assert catalog.get(image.id).running_vms == 1 and winner["flow_run_id"]
+    name = winner["vm"]["name"]
+    unchanged = everything(catalog)
+    assert bob.post("/vms", json={"name": "x", "disks": [image.id]}).status_code == 404
+    assert bob.get(f"/vms/{name}").status_code == 404
+    assert bob.post(f"/vms/{name}/terminate").status_code == 404
+    assert name not in [vm["name"] for vm in bob.get("/vms").json()]
+    assert everything(catalog) == unchanged
+    assert alice.post(f"/vms/{name}/terminate").status_code == 202
+
+
+def test_cli_vm_verbs(cli, catalog, ready_image, unique_name):
+    os_image, data = ready_image(type_=OS, size=64 * 1024), ready_image(size=64 * 1024)
+    name = unique_name("cli")
+    refused = cli("vm", "create", name, "--disk", data.id)
+    assert refused.exit_code == 1 and "Rule 'exactly one OS disk'" in refused.stderr
+    created = cli("vm", "create", name, "--disk", os_image.id, "--disk", data.id, "--wait")
+    assert created.exit_code == 0, created.stderr
+    assert f"({name}) is RUNNING" in created.stdout
+    shown = __import__("json").loads(cli("vm", "show", name, "--json").stdout)
+    assert shown["state"] == "RUNNING" and [(d["image_id"], d["mode"], d["state"]) for d in shown["disks"]] == [
+        (os_image.id, "copy", "READY"), (data.id, "copy", "READY")]
+    assert all(d["object"].startswith("s3://hcx-system/vms/") for d in shown["disks"])
+    listed = cli("vm", "list")
+    assert name in listed.stdout and "RUNNING" in listed.stdout
+    detached = cli("vm", "detach", name, data.id, "--wait")
+    assert detached.exit_code == 0, detached.stderr
+    assert (catalog.get(data.id).state, catalog.get(data.id).running_vms) == (S.READY, 0)
+    attached = cli("vm", "attach", name, data.id, "--wait")
+    assert attached.exit_code == 0, attached.stderr
+    assert catalog.get(data.id).state is S.USED
+    terminated = cli("vm", "terminate", name, "--wait")
+    assert terminated.exit_code == 0, terminated.stderr
+    assert "is TERMINATED" in terminated.stdout
+    assert [catalog.get(i).state for i in (os_image.id, data.id)] == [S.READY, S.READY]
+    assert name not in cli("vm", "list", "--json").stdout
