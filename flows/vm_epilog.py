@@ -18,12 +18,18 @@ from catalog.model import HcxError
 from catalog.requests import VmDisksRequest
 from catalog.store import open_catalog
 from flows.hooks import failure_reason, image_operation
+from flows.vm_reporting import report_vm
 from tasks.vms import finish_terminate, release_disk, remove_copy
 
 log = logging.getLogger("hcx.vm")
 
 
 def _on_failure(flow, run, state) -> None:
+    _record_failure(run, state)
+    report_vm(flow, run, state)
+
+
+def _record_failure(run, state) -> None:
     request = VmDisksRequest.model_validate(run.parameters["request"])
     try:
         vms.record_error(open_catalog(), request.vm_id, f"Epilog failed: {failure_reason(state)}")
@@ -37,7 +43,7 @@ def _run_name() -> str:
     return f"vm epilog {request.vm_id}{only}"
 
 
-@image_operation("vm-epilog", run_name=_run_name, on_failure=_on_failure)
+@image_operation("vm-epilog", run_name=_run_name, on_failure=_on_failure, on_success=report_vm)
 def vm_epilog(request: VmDisksRequest) -> int:
     """Let go of a VM's DETACHING disks (all of them: terminate; `image_ids`: detach): copies
     deleted, images released; a terminated VM ends TERMINATED."""

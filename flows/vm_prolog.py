@@ -20,6 +20,7 @@ from catalog.model import HcxError
 from catalog.requests import VmDisksRequest
 from catalog.store import open_catalog
 from flows.hooks import failure_reason, image_operation
+from flows.vm_reporting import report_vm
 from tasks.objects import copy_into_datastore
 from tasks.vms import copy_made, copy_target, link_disk, start_vm, wait_for_image
 
@@ -27,6 +28,11 @@ log = logging.getLogger("hcx.vm")
 
 
 def _on_failure(flow, run, state) -> None:
+    _release_on_failure(run, state)
+    report_vm(flow, run, state)
+
+
+def _release_on_failure(run, state) -> None:
     request = VmDisksRequest.model_validate(run.parameters["request"])
     catalog = open_catalog()
     vm = vms.find(catalog, request.vm_id)
@@ -65,7 +71,7 @@ def make_disk(vm_id: int, disk: vms.VmDisk) -> None:
     copy_made(vm_id, disk.image_id, dst)
 
 
-@image_operation("vm-prolog", run_name=_run_name, on_failure=_on_failure)
+@image_operation("vm-prolog", run_name=_run_name, on_failure=_on_failure, on_success=report_vm)
 def vm_prolog(request: VmDisksRequest) -> int:
     """Make a VM's disks (all, or those of `image_ids` for an attach): links to persistent images,
     verified copies of non-persistent ones in the system datastore; then the VM is RUNNING."""

@@ -6,6 +6,7 @@ nothing; the API and CLI verbs, with who may see what."""
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -16,22 +17,26 @@ from catalog import operations, vms
 from catalog.model import ImageState, ImageType, NotFound, Refused
 from catalog.requests import CloneRequest, VmDisksRequest
 from catalog.settings import get_settings
+from flows.launcher import deployable
 from flows.upload import upload
 from flows.vm_epilog import vm_epilog
 from flows.vm_prolog import vm_prolog
 from tasks import transfer
-from tests.conftest import ALICE, BOB, DENY_SERVER_COPIES, catalog_snapshot
+from tests.conftest import ALICE, BOB, DENY_SERVER_COPIES, catalog_snapshot, flow_run_artifacts, recent_events
 
 S = ImageState
 OS, DATABLOCK, CDROM = ImageType.OS, ImageType.DATABLOCK, ImageType.CDROM
 
 
-def prolog(vm_id: int, *image_ids: int, **options):
-    return vm_prolog(VmDisksRequest(owner="alice", vm_id=vm_id, image_ids=list(image_ids) or None), **options)
+def prolog(vm_id: int, *image_ids: int, reported: bool = False, **options):
+    """The prolog flow run here; `reported`: with the reporting hooks its deployment has."""
+    flow = deployable()["vm-prolog"] if reported else vm_prolog
+    return flow(VmDisksRequest(owner="alice", vm_id=vm_id, image_ids=list(image_ids) or None), **options)
 
 
-def epilog(vm_id: int, *image_ids: int):
-    return vm_epilog(VmDisksRequest(owner="alice", vm_id=vm_id, image_ids=list(image_ids) or None))
+def epilog(vm_id: int, *image_ids: int, reported: bool = False, **options):
+    flow = deployable()["vm-epilog"] if reported else vm_epilog
+    return flow(VmDisksRequest(owner="alice", vm_id=vm_id, image_ids=list(image_ids) or None), **options)
 
 
 def terminate(catalog, vm_id: int, *, failed: bool = False) -> vms.Vm:
@@ -187,18 +192,15 @@ def test_deploy_acquires_per_the_table(catalog, put_image, unique_name, state, p
 
 
 @pytest.fixture(scope="module")
-def running_vm(stack_state):
+def running_vm(stack_state, tmp_path_factory):
     """One RUNNING VM of alice's (a non-persistent OS disk) for the hot-attach rows."""
     from catalog.store import open_catalog
     from tests.conftest import upload_request
 
     catalog = open_catalog()
-    import os
-    import tempfile
-    with tempfile.NamedTemporaryFile(suffix=".raw") as file:
-        file.write(os.urandom(64 * 1024))
-        file.flush()
-        image_id = upload(upload_request(f"vm-os-{os.getpid()}-{id(file)}", path=file.name, type=OS))
+    path = tmp_path_factory.mktemp("vm") / "os.raw"
+    path.write_bytes(b"\x02" * 64 * 1024)
+    image_id = upload(upload_request(f"vm-os-{path.parent.name}", path=str(path), type=OS))
     vm = vms.create(catalog, ALICE, f"attach-{image_id}", [image_id])
     prolog(vm.id)
     assert vms.get(catalog, vm.id).state is vms.VmState.RUNNING
@@ -231,7 +233,11 @@ def test_attach_then_detach_copies_and_removes_the_disk(catalog, ready_image, ru
         vms.begin_detach(catalog, ALICE, running_vm.id, running_vm.disks[0].image_id)
     assert everything(catalog) == unchanged
     vms.begin_detach(catalog, ALICE, running_vm.id, image.id)
-    epilog(running_vm.id, image.id)
+    detached = epilog(running_vm.id, image.id, reported=True, return_state=True)
+    assert detached.is_completed()
+    artifacts = {a.key: json.loads(a.data) for a in flow_run_artifacts(detached.state_details.flow_run_id)}
+    assert [(r["id"], r["state"]) for r in artifacts["vm-epilog-images"]] == [(image.id, "READY")]
+    assert [r["image"] for r in artifacts["vm-epilog-disks"]] == [d.image_id for d in running_vm.disks]
     after = vms.get(catalog, running_vm.id)
     assert after.state is vms.VmState.RUNNING and after.disk(image.id) is None
     assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.READY, 0)
@@ -341,7 +347,7 @@ def test_vm_waiting_on_an_upload_that_fails_ends_failed_and_releases_it(
     assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.LOCKED_USED, 1)
     before = system_objects()
     booting: list = []
-    thread = threading.Thread(target=lambda: booting.append(prolog(vm.id, return_state=True)))
+    thread = threading.Thread(target=lambda: booting.append(prolog(vm.id, reported=True, return_state=True)))
     thread.start()
     _wait_for_disk_state(catalog, vm.id, image.id, vms.DiskState.WAITING, thread)
     cuttable_proxy.deny(DENY_SERVER_COPIES)  # the copy is refused (403): the upload fails
@@ -356,6 +362,12 @@ def test_vm_waiting_on_an_upload_that_fails_ends_failed_and_releases_it(
     assert (after.state, after.running_vms, after.cloning_ops) == (S.ERROR, 0, 0)
     assert catalog.get(os_disk).running_vms == 1  # running_vm's only
     assert system_objects() == before
+    run_id = booting[0].state_details.flow_run_id
+    artifacts = {a.key: a.data for a in flow_run_artifacts(run_id)}
+    assert "went to ERROR while the VM waited" in artifacts["vm-prolog-failure"]
+    assert sorted(r["id"] for r in json.loads(artifacts["vm-prolog-images"])) == sorted([os_disk, image.id])
+    assert json.loads(artifacts["vm-prolog-disks"])[0]["note"].startswith("FAILED: ")
+    assert [e.payload["state"] for e in recent_events("hcx.vm.failed", f"hcx.vm.{vm.id}")] == ["FAILED"]
     assert terminate(catalog, vm.id).state is vms.VmState.TERMINATED  # nothing left to release
 
 
