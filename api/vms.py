@@ -13,10 +13,10 @@ from pydantic import BaseModel, Field
 from api.auth import Caller
 from api.shapes import Remote, Strict
 from blocks.datastore import load_datastore
-from catalog import vms
+from catalog import rules, vms
 from catalog.model import NotFound, Refused
 from catalog.permissions import Actor, Right
-from catalog.requests import ImageName, VmDisksRequest
+from catalog.requests import VmDisksRequest
 from catalog.settings import get_settings
 from catalog.store import Catalog, open_catalog
 from flows.launcher import submit
@@ -32,7 +32,7 @@ def catalog() -> Catalog:
 
 
 class NewVm(Strict):
-    name: ImageName
+    name: str = Field(min_length=1, max_length=rules.MAX_NAME, description="Unique among your VMs")
     disks: list[ImageId] = Field(min_length=1, max_length=MAX_DISKS, description="Image ids, one of them an OS image")
     container: bool = Field(default=False, description="An LXD container: no DATABLOCK disk")
 

@@ -229,6 +229,14 @@ def check_template(types: dict[int, ImageType], *, container: bool) -> None:
                       f"{'are' if len(datablocks) > 1 else 'is'}; drop them or create a VM without --container.")
 
 
+def validate_vm_name(name: str) -> None:
+    """A VM's name follows the rules of an image's (`rules.validate_name`), said of a VM."""
+    try:
+        rules.validate_name(name)
+    except Refused as exc:
+        raise Refused(str(exc).replace("Invalid image name", "Invalid VM name", 1)) from None
+
+
 def _check_distinct(image_ids: list[int]) -> None:
     repeated = sorted({i for i in image_ids if image_ids.count(i) > 1})
     if repeated:
@@ -265,7 +273,7 @@ def create(catalog: Catalog, actor: Actor, name: str, image_ids: list[int], *, c
     """A new VM, PENDING, holding its images (USE on each): the template rules checked, then each
     image acquired (`rules.vm_acquire`: READY -> USED/USED_PERS, LOCKED -> LOCKED_USED*), the VM
     and its disk rows written in the same transaction. Any refusal changes nothing."""
-    rules.validate_name(name)
+    validate_vm_name(name)
     if not image_ids:
         raise Refused("A VM needs disks: give --disk ID, one of them an OS image.")
     _check_distinct(image_ids)
