@@ -7,8 +7,13 @@ nothing; the API and CLI verbs, with who may see what."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -416,28 +421,87 @@ def test_concurrent_creates_count_every_vm_and_one_name_wins_on_postgresql(pg_ca
 
 # --- the API and the CLI ---------------------------------------------------------------------------
 
-def test_api_race_on_a_persistent_image_and_who_sees_what(api_as, catalog, ready_image, unique_name):
-    """20 `POST /vms` at once on one persistent image through the image API: one 202, 19 × 409 with
-    the rules' message. Bob may neither use alice's image nor see her VM (404, as if missing)."""
-    from tests.conftest import all_at_once
+@pytest.fixture
+def pg_image_api(pg_catalog, stack_state, tmp_path):
+    """The image API (`python -m api`, real HTTP, its own flow-run processes) over a PostgreSQL
+    catalog and the session's Prefect API; (its URL, a token of alice and of bob)."""
+    from prefect.settings import PREFECT_API_URL
 
-    image = ready_image(persistent=True, type_=OS, size=64 * 1024)
-    alice, bob = api_as("alice"), api_as("bob")
-    names = [unique_name("api") for _ in range(20)]
-    answers = all_at_once([lambda n=n: alice.post("/vms", json={"name": n, "disks": [image.id]}) for n in names])
-    codes = sorted(a.status_code for a in answers)
-    assert codes == [202] + [409] * 19, [a.text for a in answers]
-    assert all("it is persistent and already in use" in a.json()["detail"] for a in answers if a.status_code == 409)
-    winner = next(a.json() for a in answers if a.status_code == 202)
-    assert catalog.get(image.id).running_vms == 1 and winner["flow_run_id"]
-    name = winner["vm"]["name"]
-    unchanged = everything(catalog)
-    assert bob.post("/vms", json={"name": "x", "disks": [image.id]}).status_code == 404
-    assert bob.get(f"/vms/{name}").status_code == 404
-    assert bob.post(f"/vms/{name}/terminate").status_code == 404
-    assert name not in [vm["name"] for vm in bob.get("/vms").json()]
-    assert everything(catalog) == unchanged
-    assert alice.post(f"/vms/{name}/terminate").status_code == 202
+    from catalog.identity import Directory
+    from cli.stack import free_port
+    from tests.conftest import REPO_ROOT, SESSION_USERS
+
+    directory = Directory(pg_catalog.engine)
+    directory.add_group("staff")
+    tokens = {}
+    for user in ("alice", "bob"):
+        directory.ensure_user(user, SESSION_USERS[user])
+        tokens[user] = directory.issue_token(user)
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "HCX_HOME": str(tmp_path),
+           "HCX_DATABASE_URL": pg_catalog.engine.url.render_as_string(hide_password=False)}
+    with open(tmp_path / "api.log", "ab") as log:
+        api = subprocess.Popen([sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]],
+                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
+    try:
+        while not _answers(f"{url}/health"):
+            assert api.poll() is None, (tmp_path / "api.log").read_text()[-3000:]
+            threading.Event().wait(0.2)
+        yield url, tokens
+    finally:
+        os.killpg(api.pid, signal.SIGTERM)
+        api.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _run_ended(client: httpx.Client, run_id: str) -> dict:
+    while not (run := client.get(f"/runs/{run_id}").json())["final"]:
+        threading.Event().wait(0.2)
+    return run
+
+
+def test_fifty_concurrent_creates_through_the_api_on_postgresql(pg_image_api, pg_catalog):
+    """50 `POST /vms` at once on one persistent image, through the image API on PostgreSQL: one
+    202, 49 × 409 with the rules' message, RUNNING_VMS = 1; the winner's prolog links the image.
+    Bob may neither use alice's image nor see her VM (404, as if missing); nothing of his is written."""
+    from tests.conftest import all_at_once, register_image
+
+    url, tokens = pg_image_api
+    image = register_image(pg_catalog, "shared-os", persistent=True, size=1024)
+    alice, bob = (httpx.Client(base_url=f"{url}/api/v1", timeout=60, headers={"Authorization": f"Bearer {tokens[u]}"})
+                  for u in ("alice", "bob"))
+    with alice, bob:
+        answers = all_at_once([lambda i=i: alice.post("/vms", json={"name": f"race-{i}", "disks": [image.id]})
+                               for i in range(50)])
+        assert sorted(a.status_code for a in answers) == [202] + [409] * 49, [a.text for a in answers]
+        assert all(a.json()["detail"] == f"Cannot acquire image {image.id}: it is persistent and already in use."
+                   for a in answers if a.status_code == 409)
+        winner = next(a.json() for a in answers if a.status_code == 202)
+        held = pg_catalog.get(image.id)
+        assert (held.state, held.running_vms) == (S.USED_PERS, 1) and len(vm_rows(pg_catalog)[0]) == 1
+        name = winner["vm"]["name"]
+
+        unchanged = vm_rows(pg_catalog), catalog_snapshot(pg_catalog)
+        assert bob.post("/vms", json={"name": "mine", "disks": [image.id]}).json() == {
+            "detail": f"Image {image.id} does not exist: `hcx-image list` shows the images you can see."}
+        assert bob.get(f"/vms/{name}").status_code == 404
+        assert bob.post(f"/vms/{name}/terminate").status_code == 404
+        assert bob.get("/vms").json() == []
+        assert (vm_rows(pg_catalog), catalog_snapshot(pg_catalog)) == unchanged
+
+        assert _run_ended(alice, winner["flow_run_id"])["state_type"] == "COMPLETED"
+        shown = alice.get(f"/vms/{name}").json()
+        assert shown["state"] == "RUNNING" and [(d["mode"], d["object"]) for d in shown["disks"]] == [
+            ("link", image.source)]
+        ended = alice.post(f"/vms/{name}/terminate")
+        assert ended.status_code == 202 and _run_ended(alice, ended.json()["flow_run_id"])["state_type"] == "COMPLETED"
+        assert (pg_catalog.get(image.id).state, pg_catalog.get(image.id).running_vms) == (S.READY, 0)
 
 
 def test_cli_vm_verbs(cli, catalog, ready_image, unique_name):
