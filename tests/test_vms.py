@@ -424,7 +424,7 @@ def test_concurrent_creates_count_every_vm_and_one_name_wins_on_postgresql(pg_ca
 @pytest.fixture
 def pg_image_api(pg_catalog, stack_state, tmp_path):
     """The image API (`python -m api`, real HTTP, its own flow-run processes) over a PostgreSQL
-    catalog and the session's Prefect API; (its URL, a token of alice and of bob)."""
+    catalog and the session's Prefect API, with no system datastore; (its URL, a token of alice and of bob)."""
     from prefect.settings import PREFECT_API_URL
 
     from catalog.identity import Directory
@@ -439,7 +439,8 @@ def pg_image_api(pg_catalog, stack_state, tmp_path):
         tokens[user] = directory.issue_token(user)
     url = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "HCX_HOME": str(tmp_path),
-           "HCX_DATABASE_URL": pg_catalog.engine.url.render_as_string(hide_password=False)}
+           "HCX_DATABASE_URL": pg_catalog.engine.url.render_as_string(hide_password=False),
+           "HCX_SYSTEM_DATASTORE": "no-such-system"}  # a setup without one: persistent disks need none
     with open(tmp_path / "api.log", "ab") as log:
         api = subprocess.Popen([sys.executable, "-m", "api", "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]],
                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT)
@@ -495,6 +496,13 @@ def test_fifty_concurrent_creates_through_the_api_on_postgresql(pg_image_api, pg
         assert bob.get("/vms").json() == []
         assert (vm_rows(pg_catalog), catalog_snapshot(pg_catalog)) == unchanged
 
+        copied = register_image(pg_catalog, "np-data", type_=DATABLOCK, size=1024)
+        refused = alice.post("/vms", json={"name": "needs-copies", "disks": [copied.id]})
+        assert refused.status_code == 409 and refused.json()["detail"].startswith(
+            "Non-persistent disks are copied into the system datastore 'no-such-system', which does not exist")
+        assert vm_rows(pg_catalog) == unchanged[0]
+        assert [h["to_state"] for h in pg_catalog.history(copied.id)] == ["READY"]
+
         assert _run_ended(alice, winner["flow_run_id"])["state_type"] == "COMPLETED"
         shown = alice.get(f"/vms/{name}").json()
         assert shown["state"] == "RUNNING" and [(d["mode"], d["object"]) for d in shown["disks"]] == [
@@ -529,3 +537,38 @@ def test_cli_vm_verbs(cli, catalog, ready_image, unique_name):
     assert "is TERMINATED" in terminated.stdout
     assert [catalog.get(i).state for i in (os_image.id, data.id)] == [S.READY, S.READY]
     assert name not in cli("vm", "list", "--json").stdout
+
+
+def test_a_failed_epilog_keeps_what_it_holds_and_terminating_again_finishes(
+        catalog, ready_image, unique_name, new_datastore, cuttable_proxy, monkeypatch):
+    """The system datastore refuses deletes: the epilog fails, the VM stays EPILOG with the reason,
+    its disk and the image's count kept (nothing released over a copy still there); terminating
+    again once deletes work finishes."""
+    from tests.conftest import DENY_DELETES
+
+    monkeypatch.setattr(get_settings(), "system_datastore", new_datastore(cuttable_proxy.endpoint))
+    image = ready_image(type_=OS, size=64 * 1024)
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [image.id])
+    prolog(vm.id)
+    copy = vms.get(catalog, vm.id).disk(image.id)
+    cuttable_proxy.deny(DENY_DELETES)
+    vms.begin_terminate(catalog, ALICE, vm.id)
+    assert epilog(vm.id, return_state=True).is_failed()
+    stuck = vms.get(catalog, vm.id)
+    assert stuck.state is vms.VmState.EPILOG and "Epilog failed" in stuck.error and "AccessDenied" in stuck.error
+    assert stuck.disk(image.id).state is vms.DiskState.DETACHING and holds(image, copy)
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.USED, 1)
+    cuttable_proxy.deny(None)
+    assert terminate(catalog, vm.id).state is vms.VmState.TERMINATED
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.READY, 0)
+    assert not load_datastore(copy.datastore).exists(ObjectRef.parse(copy.datastore, copy.object))
+
+
+def test_without_a_system_datastore_the_prolog_fails_cleanly(catalog, put_image, unique_name, monkeypatch):
+    monkeypatch.setattr(get_settings(), "system_datastore", "no-such-system")
+    image = put_image(S.READY, type=OS)
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [image.id])
+    assert prolog(vm.id, return_state=True).is_failed()
+    failed = vms.get(catalog, vm.id)
+    assert failed.state is vms.VmState.FAILED and "The system datastore 'no-such-system' does not exist" in failed.error
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.READY, 0)
