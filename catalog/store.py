@@ -247,9 +247,6 @@ class _Stale(Exception):
     """A compare-and-set lost the race: re-read and decide again."""
 
 
-Stale = _Stale  # what a plan of `Catalog.commit_rows` raises when one of its own rows moved
-
-
 class Catalog:
     def __init__(self, url: str):
         self.engine = _make_engine(url)
@@ -451,9 +448,9 @@ class Catalog:
 
     def commit_rows(self, plan: Callable[[sa.Connection, Reader], list[Step]], *, writer: str | None = None) -> None:
         """`commit` for a plan that also writes rows of another catalog table on the same connection
-        (a VM's disks, `catalog.vms`): those rows and the image moves commit together or not at all.
-        A plan whose own rows moved meanwhile raises `Stale`, and is run again on fresh rows; a
-        unique constraint it breaks propagates for it to explain."""
+        (a VM's disks, `catalog.vms`): those rows and the image moves commit together or not at all;
+        an image moved meanwhile runs the plan again on fresh rows. The plan locks its own rows (SELECT
+        ... FOR UPDATE) before it reads them; a unique constraint it breaks propagates for it to explain."""
         for _ in range(_MAX_CAS_ATTEMPTS):
             try:
                 with self.engine.connect().execution_options(**_WRITING) as conn, conn.begin():

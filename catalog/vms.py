@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from catalog import rules
 from catalog.model import HcxError, Image, ImageState, ImageType, NotFound, Refused, missing_image, utcnow
 from catalog.permissions import Actor, Right, check_access
-from catalog.store import Catalog, Move, Reader, Stale, Step, metadata
+from catalog.store import Catalog, Move, Reader, Step, metadata
 
 
 class VmState(str, enum.Enum):
@@ -291,8 +291,10 @@ def create(catalog: Catalog, actor: Actor, name: str, image_ids: list[int], *, c
         )).inserted_primary_key[0]
         conn.execute(vm_disks.insert(), [_disk_row(vm_id, image) for image in images])
         created.append(vm_id)
+        # Image rows are written in id order, as every VM plan writes them: two VMs taking the
+        # same images never wait on each other's rows (a deadlock on PostgreSQL).
         return [Move(image, change, f"acquired by VM {vm_id} ({name}) of {actor.user}")
-                for image, change in zip(images, changes)]
+                for image, change in sorted(zip(images, changes), key=lambda pair: pair[0].id)]
 
     try:
         _ready(catalog).commit_rows(plan, writer=writer)

@@ -572,3 +572,16 @@ def test_without_a_system_datastore_the_prolog_fails_cleanly(catalog, put_image,
     failed = vms.get(catalog, vm.id)
     assert failed.state is vms.VmState.FAILED and "The system datastore 'no-such-system' does not exist" in failed.error
     assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.READY, 0)
+
+
+def test_vms_taking_the_same_images_in_opposite_orders_all_count_on_postgresql(pg_catalog):
+    """20 VMs at once, half listing their disks OS-then-DATABLOCK, half the other way round: no
+    deadlock, every VM counted on both images."""
+    from tests.conftest import all_at_once, register_image
+
+    os_image = register_image(pg_catalog, "os", size=1024)
+    data = register_image(pg_catalog, "data", type_=DATABLOCK, size=1024)
+    orders = [[os_image.id, data.id], [data.id, os_image.id]]
+    results = all_at_once([lambda i=i: vms.create(pg_catalog, ALICE, f"vm-{i}", orders[i % 2]) for i in range(20)])
+    assert all(isinstance(r, vms.Vm) for r in results), [r for r in results if not isinstance(r, vms.Vm)]
+    assert [pg_catalog.get(i).running_vms for i in (os_image.id, data.id)] == [20, 20]
