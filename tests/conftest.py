@@ -53,7 +53,7 @@ from flows.upload import upload  # noqa: E402
 # The modules that use the session's `platform` (one `hcx-image up`, ~30 s): sent to one test worker
 # together, so that it starts once in the whole run, not once per worker that draws one of them.
 SHARED_PLATFORM_MODULES = {"tests/test_platform.py", "tests/test_prefect_auth.py", "tests/test_ui.py",
-                           "tests/test_platform_maintenance.py"}
+                           "tests/test_platform_maintenance.py", "tests/test_vms_platform.py"}
 
 
 def pytest_collection_modifyitems(config, items):
