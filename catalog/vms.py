@@ -230,11 +230,14 @@ def check_template(types: dict[int, ImageType], *, container: bool) -> None:
 
 
 def validate_vm_name(name: str) -> None:
-    """A VM's name follows the rules of an image's (`rules.validate_name`), said of a VM."""
+    """A VM's name follows the rules of an image's (`rules.validate_name`), said of a VM, and has
+    no '/': it is a segment of the API's paths (/vms/NAME/terminate)."""
     try:
         rules.validate_name(name)
     except Refused as exc:
         raise Refused(str(exc).replace("Invalid image name", "Invalid VM name", 1)) from None
+    if "/" in name:
+        raise Refused(f"Invalid VM name {name[:40]!r}: it contains '/'; use a name without it.")
 
 
 def _check_distinct(image_ids: list[int]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from typing import List
+from urllib.parse import quote
 
 import typer
 
@@ -20,6 +21,11 @@ VmName = typer.Argument(..., metavar="NAME", help="Name of your VM (see `hcx-ima
 DiskId = typer.Argument(..., metavar="ID", help="Image id (see `hcx-image list`)")
 WAIT_HELP = "Follow the flow; exit 0 when it succeeded, 1 when it failed"
 VM_COLUMNS = ("ID", "USER", "NAME", "STAT", "DISKS", "ERROR")
+
+
+def _path(name: str) -> str:
+    """A VM's name as one segment of a URL path (spaces, '?' and '#' included)."""
+    return quote(name, safe="")
 
 
 def _started(started: dict, what: str, *, wait: bool, api: Api) -> None:
@@ -64,7 +70,7 @@ def terminate(
 ) -> None:
     """Terminate VM NAME: its copies deleted, its images released (persistent ones keep their data)."""
     api = Api()
-    started = api.post(f"/vms/{name}/terminate", None, failed=str(failed).lower(), **remote_param())
+    started = api.post(f"/vms/{_path(name)}/terminate", None, failed=str(failed).lower(), **remote_param())
     _started(started, "terminating", wait=wait, api=api)
 
 
@@ -73,7 +79,7 @@ def terminate(
 def attach(name: str = VmName, image_id: int = DiskId, wait: bool = typer.Option(False, "--wait", help=WAIT_HELP)) -> None:
     """Hot-attach image ID to the RUNNING VM NAME (a LOCKED image is refused)."""
     api = Api()
-    started = api.post(f"/vms/{name}/attach", {"image_id": image_id}, **remote_param())
+    started = api.post(f"/vms/{_path(name)}/attach", {"image_id": image_id}, **remote_param())
     _started(started, f"attaching image {image_id}", wait=wait, api=api)
 
 
@@ -82,7 +88,7 @@ def attach(name: str = VmName, image_id: int = DiskId, wait: bool = typer.Option
 def detach(name: str = VmName, image_id: int = DiskId, wait: bool = typer.Option(False, "--wait", help=WAIT_HELP)) -> None:
     """Detach image ID from the RUNNING VM NAME: its copy deleted, the image released."""
     api = Api()
-    started = api.post(f"/vms/{name}/detach", {"image_id": image_id}, **remote_param())
+    started = api.post(f"/vms/{_path(name)}/detach", {"image_id": image_id}, **remote_param())
     _started(started, f"detaching image {image_id}", wait=wait, api=api)
 
 
@@ -105,7 +111,7 @@ def list_vms(json_: bool = typer.Option(False, "--json", help="Print a JSON list
 @refusals_exit_1
 def show(name: str = VmName, json_: bool = typer.Option(False, "--json")) -> None:
     """VM NAME and its disks: image id, link or copy, the object it uses, state."""
-    vm = Api().get(f"/vms/{name}")
+    vm = Api().get(f"/vms/{_path(name)}")
     if json_:
         print_json(vm)
         return

@@ -514,7 +514,9 @@ def test_fifty_concurrent_creates_through_the_api_on_postgresql(pg_image_api, pg
 
 def test_cli_vm_verbs(cli, catalog, ready_image, unique_name):
     os_image, data = ready_image(type_=OS, size=64 * 1024), ready_image(size=64 * 1024)
-    name = unique_name("cli")
+    name = unique_name("cli vm?")  # a space and a '?' travel as one path segment
+    refused = cli("vm", "create", "a/b", "--disk", os_image.id)
+    assert refused.exit_code == 1 and "Invalid VM name 'a/b': it contains '/'" in refused.stderr
     refused = cli("vm", "create", name, "--disk", data.id)
     assert refused.exit_code == 1 and "Rule 'exactly one OS disk'" in refused.stderr
     created = cli("vm", "create", name, "--disk", os_image.id, "--disk", data.id, "--wait")
