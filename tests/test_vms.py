@@ -587,3 +587,21 @@ def test_vms_taking_the_same_images_in_opposite_orders_all_count_on_postgresql(p
     results = all_at_once([lambda i=i: vms.create(pg_catalog, ALICE, f"vm-{i}", orders[i % 2]) for i in range(20)])
     assert all(isinstance(r, vms.Vm) for r in results), [r for r in results if not isinstance(r, vms.Vm)]
     assert [pg_catalog.get(i).running_vms for i in (os_image.id, data.id)] == [20, 20]
+
+
+def test_terminating_a_vm_that_waits_on_a_locked_image_ends_its_prolog_and_releases_it(
+        catalog, put_image, unique_name):
+    """The image stays LOCKED (its operation never ends here): the VM waits; terminating it
+    releases the image (LOCKED_USED -> LOCKED) and the waiting prolog ends without making a disk."""
+    image = put_image(S.LOCKED, type=OS)
+    vm = vms.create(catalog, ALICE, unique_name("vm"), [image.id])
+    before = system_objects()
+    booting: list = []
+    thread = threading.Thread(target=lambda: booting.append(prolog(vm.id, return_state=True)))
+    thread.start()
+    _wait_for_disk_state(catalog, vm.id, image.id, vms.DiskState.WAITING, thread)
+    assert terminate(catalog, vm.id).state is vms.VmState.TERMINATED
+    thread.join()
+    assert booting[0].is_completed()
+    assert (catalog.get(image.id).state, catalog.get(image.id).running_vms) == (S.LOCKED, 0)
+    assert vms.get(catalog, vm.id).state is vms.VmState.TERMINATED and system_objects() == before
