@@ -198,7 +198,7 @@ def test_deploy_acquires_per_the_table(catalog, put_image, unique_name, state, p
 
 @pytest.fixture(scope="module")
 def running_vm(stack_state, tmp_path_factory):
-    """One RUNNING VM of alice's (a non-persistent OS disk) for the hot-attach rows."""
+    """One RUNNING VM of alice's (a non-persistent OS disk) for the hot-attach rows; terminated after."""
     from catalog.store import open_catalog
     from tests.conftest import upload_request
 
@@ -209,7 +209,8 @@ def running_vm(stack_state, tmp_path_factory):
     vm = vms.create(catalog, ALICE, f"attach-{image_id}", [image_id])
     prolog(vm.id)
     assert vms.get(catalog, vm.id).state is vms.VmState.RUNNING
-    return vms.get(catalog, vm.id)
+    yield vms.get(catalog, vm.id)
+    assert terminate(catalog, vm.id).state is vms.VmState.TERMINATED
 
 
 @pytest.mark.parametrize("state, persistent, counters, message", [
