@@ -203,6 +203,10 @@ class S3Datastore(Block):
     def image_ref(self, object_id: str) -> ObjectRef:
         return self.ref(f"{self.prefix}images/{object_id}")
 
+    def vm_disk_ref(self, vm_id: int, image_id: int) -> ObjectRef:
+        """Where a VM's copy of a non-persistent image lies (in a system datastore), under the VM's prefix."""
+        return self.ref(f"{self.prefix}vms/{vm_id}/disk-{image_id}")
+
     @property
     def staging_is_own_bucket(self) -> bool:
         return self.staging_bucket in (None, self.bucket)

@@ -240,6 +240,13 @@ class RetryRequest(RequestedBy):
     image_id: int = Field(ge=0)
 
 
+class VmDisksRequest(RequestedBy):
+    """Make (prolog) or let go of (epilog) a VM's disks: those of `image_ids`, or all of them."""
+
+    vm_id: int = Field(ge=0)
+    image_ids: list[int] | None = Field(default=None, description="Only these disks (an attach or a detach)")
+
+
 def rerun_request(image: Image, actor: Actor) -> tuple[Operation, RequestedBy]:
     """What carries on the operation an image was retried into (`rules.retry`): the operation (its
     flow has the same name) and the request it recorded, or for a delete a new one by `actor`."""

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     )
     admin_group: str = Field(default="oneadmin", description="Members may do everything.")
     default_datastore: str = "default"
+    system_datastore: str = Field(
+        default="system", description="Where VMs' copies of non-persistent images go (`hcx-image up` makes it).")
     staging_prefix: str = Field(
         default="staging/",
         description="Key prefix of the staging area inside each datastore's staging bucket.",

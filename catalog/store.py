@@ -14,6 +14,7 @@ moves an image to another user or group).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -445,6 +446,20 @@ class Catalog:
         raise ConcurrentChange(
             f"Image {', '.join(str(s.image.id) for s in steps)} kept changing under this request; try again.")
 
+    def commit_rows(self, plan: Callable[[sa.Connection, Reader], list[Step]], *, writer: str | None = None) -> None:
+        """`commit` for a plan that also writes rows of another catalog table on the same connection
+        (a VM's disks, `catalog.vms`): those rows and the image moves commit together or not at all;
+        an image moved meanwhile runs the plan again on fresh rows. The plan locks its own rows (SELECT
+        ... FOR UPDATE) before it reads them; a unique constraint it breaks propagates for it to explain."""
+        for _ in range(_MAX_CAS_ATTEMPTS):
+            try:
+                with self.engine.connect().execution_options(**_WRITING) as conn, conn.begin():
+                    self._write(conn, plan(conn, lambda image_id: self._read(conn, image_id)), writer)
+                return
+            except _Stale:
+                continue
+        raise ConcurrentChange("The catalog kept changing under this request; try again.")
+
     def transition(self, image_id: int, rule: Callable[..., Changes], *args, owner: str | None = None,
                    writer: str | None = None, message: str = "",
                    expect: Callable[[Image], None] | None = None, **kwargs) -> Image:
@@ -557,7 +572,17 @@ class Catalog:
         return Refused("The catalog refused the change (a name or upload id is taken): try again.")
 
 
-@lru_cache
+_opening = threading.Lock()
+
+
 def open_catalog(url: str | None = None) -> Catalog:
-    """The catalog of these settings (one engine per URL per process)."""
+    """The catalog of these settings (one engine per URL per process). Opened under a lock: a
+    service's first requests arrive together, and concurrent CREATE TABLEs on one SQLite file fail
+    with "database is locked" (SQLite does not wait for a lock a reader wants to upgrade)."""
+    with _opening:
+        return _open_catalog(url)
+
+
+@lru_cache
+def _open_catalog(url: str | None) -> Catalog:
     return Catalog(url or get_settings().catalog_url)

@@ -41,8 +41,11 @@ def registry() -> dict[str, Flow]:
     from flows.delete import delete
     from flows.retry import retry
     from flows.upload import upload
+    from flows.vm_epilog import vm_epilog
+    from flows.vm_prolog import vm_prolog
 
-    return {"upload": upload, "clone": clone, "create-empty": create_empty, "delete": delete, "retry": retry}
+    return {"upload": upload, "clone": clone, "create-empty": create_empty, "delete": delete, "retry": retry,
+            "vm-prolog": vm_prolog, "vm-epilog": vm_epilog}
 
 
 def maintenance() -> dict[str, Flow]:

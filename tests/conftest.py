@@ -53,7 +53,7 @@ from flows.upload import upload  # noqa: E402
 # The modules that use the session's `platform` (one `hcx-image up`, ~30 s): sent to one test worker
 # together, so that it starts once in the whole run, not once per worker that draws one of them.
 SHARED_PLATFORM_MODULES = {"tests/test_platform.py", "tests/test_prefect_auth.py", "tests/test_ui.py",
-                           "tests/test_platform_maintenance.py"}
+                           "tests/test_platform_maintenance.py", "tests/test_vms_platform.py"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -621,6 +621,34 @@ def object_keys(store: S3Datastore) -> list[str]:
 @pytest.fixture
 def store_objects():
     return object_keys
+
+
+def flow_run_artifacts(flow_run_id) -> list:
+    """The artifacts attached to a flow run of the session's Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def recent_events(name: str, resource_id: str, timeout: float = 20) -> list:
+    """The events `name` about `resource_id` of the last ten minutes, once there are some (events
+    reach the API shortly after they are emitted); [] after `timeout` seconds without any."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            found = client.read_events(EventFilter(
+                occurred=EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(minutes=10)),
+                event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id]),
+            ), limit=50).events
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
 
 
 # --- the platform: `hcx-image up` in a home of its own (SeaweedFS, prefect server + UI, worker) -
