@@ -277,6 +277,8 @@ def validate_snapshot_name(name: str) -> None:
     if name.isdigit():
         raise Refused(f"Invalid snapshot name {name!r}: a name of digits only would read as a snapshot number; "
                       "add a letter.")
+    if "/" in name:
+        raise Refused(f"Invalid snapshot name {_shown(name)}: it names the snapshot in URLs, so it cannot contain '/'.")
 
 
 # --- delete ----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
 from pydantic import Field
@@ -31,7 +31,7 @@ from pydantic import Field
 from catalog import rules
 from catalog.model import HcxError, Image, ImageState, NotFound, Refused, utcnow
 from catalog.permissions import Actor, Right, check_access
-from catalog.requests import RequestedBy
+from catalog.requests import RequestedBy, _by_rule
 from catalog.store import Catalog, Move, Reader, RowWrite, Step, dialect_insert, snapshot_numbers, snapshots
 
 
@@ -84,6 +84,9 @@ class Change(str, enum.Enum):
     def asked_as(self) -> str:
         """How the history names it: '<this> snapshot N (NAME) asked by USER'."""
         return {"revert": "revert to", "delete": "deletion of", "flatten": "flatten to"}[self.value]
+
+
+SnapshotName = Annotated[str, Field(min_length=1, max_length=rules.MAX_NAME), _by_rule(rules.validate_snapshot_name)]
 
 
 class SnapshotRequest(RequestedBy):

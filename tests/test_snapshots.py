@@ -143,3 +143,196 @@ def test_flatten_to_an_older_snapshot_and_delete_image_with_snapshots(catalog, r
     delete(DeleteRequest(owner="alice", image_id=image.id))
     assert catalog.find(image.id) is None
     assert snapshot_keys(image) == [] and snapshots_of(catalog, image.id) == []
+
+
+def test_a_failed_copy_leaves_no_row_no_object_and_the_image_ready_with_the_error(catalog, ready_image):
+    """The image object changed behind the catalog's back: the copy pinned to the recorded ETag is
+    refused by the store, and the failure hook removes the row it made; the image is READY again."""
+    image = ready_image(size=64 * 1024)
+    overwrite_object(image, b"not what the catalog recorded")
+    before = catalog.used_bytes(image.datastore)
+    with pytest.raises(Exception, match="changed since it was inspected"):
+        snapshot_create(request(image.id, "doomed"))
+    after = catalog.get(image.id)
+    assert (after.state, after.snapshots, after.flow_run_id is not None) == (S.READY, 0, True)
+    assert "changed since it was inspected" in after.error
+    assert snapshots_of(catalog, image.id) == [] and snapshot_keys(image) == []
+    assert catalog.used_bytes(image.datastore) == before
+    assert [h["to_state"] for h in catalog.history(image.id)][-2:] == ["LOCKED", "READY"]
+
+
+def test_refused_snapshot_flows_change_nothing(catalog, ready_image):
+    """Refusals from the flows themselves (the API refuses earlier with the same words)."""
+    image = ready_image(size=32 * 1024)
+    snapshot_create(request(image.id, "kept"))
+    operations.disable(catalog, ALICE, image.id)
+    disabled = catalog.get(image.id)
+    cases = [
+        (lambda: snapshot_create(request(image.id, "more")), f"Cannot take a snapshot of image {image.id}, it is in "
+                                                             "state DISABLED"),
+        (lambda: snapshot_revert(request(image.id, "kept")), f"Cannot revert image {image.id}, it is in state DISABLED"),
+        (lambda: snapshot_flatten(request(image.id, "kept", BOB)), f"Image {image.id} does not exist"),
+    ]
+    for run, message in cases:
+        before = everything(catalog, disabled)
+        with pytest.raises(Refused, match=message):
+            run()
+        assert everything(catalog, disabled) == before
+    operations.enable(catalog, ALICE, image.id)
+    for run, message in [(lambda: snapshot_delete(request(image.id, "nothing")), "has no snapshot 'nothing'"),
+                         (lambda: snapshot_create(request(image.id, "kept")), "already has a snapshot named 'kept'")]:
+        before = everything(catalog, image)
+        with pytest.raises(Refused, match=message):
+            run()
+        assert everything(catalog, image) == before
+
+
+# --- catalog level, SQLite and PostgreSQL: refusals, accounting, races -----------------------------
+
+OWNER = Actor(user="alice", group="users")
+OTHER = Actor(user="bob", group="staff")
+URI = "s3://hcx-images/snapshots/image-{}/{}"
+
+
+@pytest.fixture
+def directory(fresh_catalog) -> Directory:
+    found = Directory(fresh_catalog.engine)
+    found.add_group("staff")
+    found.add_user("alice")
+    found.add_user("bob", groups=["staff"])
+    return found
+
+
+def take(catalog: Catalog, image, name: str, *, run: str | None = None, limit: int | None = None, actor=OWNER):
+    """Create a snapshot at catalog level (the rows, no object): begin, then finish."""
+    run = run or f"run-{name}"
+    made = snapshots.begin_create(catalog, actor, image.id, name, object_uri=URI.format(image.id, run),
+                                  limit_bytes=limit, run_id=run)
+    snapshots.finish_create(catalog, image.id, etag='"e"', run_id=run)
+    return made
+
+
+def test_refusals_name_the_rule_and_change_nothing(fresh_catalog, directory):
+    catalog = fresh_catalog
+    image = register_image(catalog, "disk", actor=OWNER, size=1000, sha256="a" * 64)
+    take(catalog, image, "kept")
+    cdrom = register_image(catalog, "iso", actor=OWNER, size=10, type_=ImageType.CDROM)
+    disabled = operations.disable(catalog, OWNER, register_image(catalog, "off", actor=OWNER, size=10).id)
+    shared = operations.chmod(catalog, OWNER, register_image(catalog, "shared", actor=OWNER, size=10).id, 0o604)
+    set_quota(catalog, directory, QuotaSubject(SubjectKind.USER, "alice"), max_bytes=2500)
+    cases = [
+        (image, lambda: snapshots.check_create(catalog, OWNER, image.id, "kept", limit_bytes=None),
+         Refused, f"Image {image.id} already has a snapshot named 'kept' (number 0)"),
+        (image, lambda: take(catalog, image, "42"), Refused, "Invalid snapshot name '42'"),
+        (image, lambda: take(catalog, image, "a/b"), Refused, "cannot contain '/'"),
+        (cdrom, lambda: take(catalog, cdrom, "s"), Refused, f"Cannot take a snapshot of image {cdrom.id}: it is a CDROM"),
+        (disabled, lambda: take(catalog, disabled, "s"), Refused, "it is in state DISABLED"),
+        (image, lambda: snapshots.begin_change(catalog, OWNER, image.id, "9", Change.REVERT, run_id="r"),
+         NotFound, f"Image {image.id} has no snapshot '9'"),
+        (shared, lambda: take(catalog, shared, "s", actor=OTHER), PermissionDenied,
+         f"User bob has no MANAGE right on image {shared.id}"),
+        (image, lambda: snapshots.begin_change(catalog, OTHER, image.id, "kept", Change.FLATTEN, run_id="r"),
+         NotFound, f"Image {image.id} does not exist"),
+        (image, lambda: snapshots.list_snapshots(catalog, OTHER, image.id), NotFound, f"Image {image.id} does not exist"),
+        (image, lambda: take(catalog, image, "over-quota"), Refused,
+         "Quota of user alice on all datastores: at most 2.4K (2500 bytes), 2K used, 470B (470 bytes) left, and "
+         f"snapshot 'over-quota' of image {image.id} needs"),
+        (image, lambda: snapshots.check_create(catalog, OWNER, image.id, "too-big", limit_bytes=2500), Refused,
+         f"Datastore default has no room for snapshot 'too-big' of image {image.id}"),
+        (image, lambda: take(catalog, image, "too-big", limit=2500), Refused, "Datastore default has no room"),
+    ]
+    for target, action, kind, message in cases:
+        before = (catalog.list(), [catalog.history(i.id) for i in catalog.list()], snapshots_of(catalog, target.id),
+                  catalog.used_bytes("default"))
+        with pytest.raises(kind) as caught:
+            action()
+        assert message in str(caught.value)
+        assert (catalog.list(), [catalog.history(i.id) for i in catalog.list()], snapshots_of(catalog, target.id),
+                catalog.used_bytes("default")) == before
+    assert shared.permissions == 0o604 and snapshots.list_snapshots(catalog, OTHER, shared.id) == []
+
+
+def test_snapshot_bytes_count_until_deleted_or_flattened(fresh_catalog, directory):
+    catalog = fresh_catalog
+    alice = QuotaSubject(SubjectKind.USER, "alice")
+    image = register_image(catalog, "disk", actor=OWNER, size=1000, sha256="a" * 64, persistent=True)
+    for name in ("one", "two", "three"):
+        take(catalog, image, name)
+    assert (catalog.used_bytes("default"), catalog.usage(alice).bytes, catalog.usage(alice).images) == (4000, 4000, 1)
+    assert catalog.get(image.id).snapshots == 3
+    with pytest.raises(Refused, match="persistent and has snapshots"):
+        operations.check_clone(catalog, OWNER, CloneRequest(owner="alice", source_id=image.id, name="c"),
+                               limit_bytes=None)
+    with pytest.raises(Refused, match="CDROMs have none"):
+        operations.change_type(catalog, OWNER, image.id, ImageType.CDROM)
+
+    snapshots.begin_change(catalog, OWNER, image.id, "two", Change.DELETE, run_id="del")
+    snapshots.finish_delete(catalog, image.id, 1, run_id="del")
+    assert [(s.number, s.parent) for s in snapshots_of(catalog, image.id)] == [(0, None), (2, 0)]  # took its parent
+    assert (catalog.used_bytes("default"), catalog.get(image.id).snapshots) == (3000, 2)
+
+    snapshots.begin_change(catalog, OWNER, image.id, "0", Change.FLATTEN, run_id="flat")
+    snapshots.finish_flatten(catalog, image.id, 0, run_id="flat")
+    assert (catalog.used_bytes("default"), catalog.usage(alice).bytes, catalog.get(image.id).snapshots) == (1000, 1000, 0)
+    operations.set_persistent(catalog, OWNER, image.id, False)
+
+
+def test_racing_snapshots_never_overrun_a_quota_nor_lock_an_image_twice(pg_catalog):
+    """On PostgreSQL: 12 snapshots of 12 images at once under a quota with room for 4 -> exactly 4
+    taken; 12 snapshots of one image at once -> exactly one takes its lock."""
+    catalog = pg_catalog
+    directory = Directory(catalog.engine)
+    directory.add_user("alice")
+    images = [register_image(catalog, f"disk{n}", actor=OWNER, size=1000, sha256="a" * 64) for n in range(12)]
+    set_quota(catalog, directory, QuotaSubject(SubjectKind.USER, "alice"), max_bytes=16_000)
+    outcomes = all_at_once([functools.partial(take, catalog, image, "s", run=f"run-{image.id}") for image in images])
+    taken = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(taken) == 4, outcomes
+    assert all(isinstance(o, Refused) and "Quota of user alice" in str(o) for o in outcomes if o not in taken)
+    assert catalog.usage(QuotaSubject(SubjectKind.USER, "alice")).bytes == 16_000
+    assert sum(catalog.get(i.id).snapshots for i in images) == 4
+
+    free = next(i for i in images if catalog.get(i.id).snapshots == 0)
+    set_quota(catalog, directory, QuotaSubject(SubjectKind.USER, "alice"))  # no limit
+    outcomes = all_at_once([functools.partial(snapshots.begin_create, catalog, OWNER, free.id, f"s{n}",
+                                              object_uri=URI.format(free.id, n), limit_bytes=None, run_id=f"r{n}")
+                            for n in range(12)])
+    won = [o for o in outcomes if not isinstance(o, Exception)]
+    assert len(won) == 1, outcomes
+    assert all(isinstance(o, Refused) and "it is in state LOCKED" in str(o) for o in outcomes if o not in won)
+    assert [s.state for s in snapshots_of(catalog, free.id)] == [SnapshotState.CREATING]
+    assert catalog.get(free.id).flow_run_id == won[0].flow_run_id
+
+
+# --- through the image API and the CLI ----------------------------------------------------------
+
+def test_snapshot_verbs_through_the_cli_and_the_api(cli, api_as, ready_image, catalog):
+    image = ready_image(size=48 * 1024)
+    created = cli("snapshot-create", image.id, "before-upgrade", "--wait")
+    assert created.exit_code == 0, created.stderr
+    assert f"image {image.id} is READY with 1 snapshot(s)" in created.stdout
+    listed = json.loads(cli("snapshot-list", image.id, "--json").stdout)
+    assert [(s["number"], s["name"], s["sha256"], s["state"]) for s in listed] == [
+        (0, "before-upgrade", image.sha256, "READY")]
+    table = cli("snapshot-list", image.id).stdout.splitlines()
+    assert table[0].split() == ["NUM", "NAME", "PARENT", "ACTIVE", "SIZE", "TIME", "SHA256", "STATE"]
+    assert table[1].split()[:4] == ["0", "before-upgrade", "-", "*"]
+
+    again = cli("snapshot-create", image.id, "before-upgrade")
+    assert again.exit_code == 1 and "already has a snapshot named 'before-upgrade'" in again.stderr
+    hidden = cli("snapshot-list", image.id, user="bob")
+    assert hidden.exit_code == 1 and f"Image {image.id} does not exist" in hidden.stderr
+    unknown = cli("snapshot-flatten", image.id, "nope")
+    assert unknown.exit_code == 1 and "has no snapshot 'nope'" in unknown.stderr
+
+    operations.chmod(catalog, ALICE, image.id, 0o604)  # bob may USE, not MANAGE
+    answer = api_as("bob").post(f"/images/{image.id}/snapshots", json={"name": "mine"})
+    assert answer.status_code == 403 and "no MANAGE right" in answer.json()["detail"]
+    assert api_as("bob").get(f"/images/{image.id}/snapshots").status_code == 200
+    assert api_as("alice").post(f"/images/{image.id}/snapshots", json={"name": "7"}).status_code == 422
+
+    reverted = cli("snapshot-revert", image.id, "0", "--wait")
+    assert reverted.exit_code == 0, reverted.stderr
+    flattened = cli("snapshot-flatten", image.id, "before-upgrade", "--wait")
+    assert flattened.exit_code == 0 and f"image {image.id} is READY with 0 snapshot(s)" in flattened.stdout
+    assert snapshot_keys(image) == [] and catalog.get(image.id).sha256 == image.sha256
