@@ -623,6 +623,34 @@ def store_objects():
     return object_keys
 
 
+def run_artifacts(flow_run_id) -> list:
+    """The artifacts a flow run left (its reporting hooks' table and summary, its tasks' progress)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+
+def image_events(name: str, resource_id: str, timeout: float = 20) -> list:
+    """Events `name` about `resource_id` in the last ten minutes, waiting up to `timeout` for one
+    (events reach the Prefect API in the background)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            found = client.read_events(EventFilter(
+                occurred=EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(minutes=10)),
+                event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id]),
+            ), limit=50).events
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
 # --- the platform: `hcx-image up` in a home of its own (SeaweedFS, prefect server + UI, worker) -
 
 HCX_CLI = str(Path(sys.executable).with_name("hcx-image"))

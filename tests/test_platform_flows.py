@@ -9,11 +9,8 @@ import json
 import os
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
 
 from blocks.datastore import S3Datastore
 from catalog import operations
@@ -21,26 +18,7 @@ from catalog.model import ImageState
 from flows.launcher import deployable
 from flows.upload import upload
 from flows.settle import settle_image
-from tests.conftest import ALICE
-
-
-def _artifacts(flow_run_id) -> list:
-    with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-
-
-def _events(name: str, resource_id: str, timeout: float = 20) -> list:
-    deadline = time.monotonic() + timeout
-    while True:
-        with get_client(sync_client=True) as client:
-            found = client.read_events(EventFilter(
-                occurred=EventOccurredFilter(since=datetime.now(timezone.utc) - timedelta(minutes=10)),
-                event=EventNameFilter(name=[name]), resource=EventResourceFilter(id=[resource_id]),
-            ), limit=50).events
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.5)
+from tests.conftest import ALICE, image_events, run_artifacts
 
 
 def test_failed_operation_leaves_a_summary_with_reason_and_next_step(catalog, make_request, unique_name):
@@ -49,7 +27,7 @@ def test_failed_operation_leaves_a_summary_with_reason_and_next_step(catalog, ma
     state = deployable()["upload"](make_request(unique_name("nothing"), upload_id=missing), return_state=True)
     assert state.is_failed()
     assert catalog.list() == before
-    artifacts = _artifacts(state.state_details.flow_run_id)
+    artifacts = run_artifacts(state.state_details.flow_run_id)
     assert [a.key for a in artifacts if a.type == "markdown"] == ["upload-failure"]
     assert [a.key for a in artifacts if a.type == "table"] == []  # no image was affected
     text = next(a.data for a in artifacts if a.type == "markdown")
@@ -71,10 +49,10 @@ def test_monitor_reports_used_free_total_per_datastore(default_store, new_datast
     assert {k: measured[name][k] for k in ("used", "free", "total", "objects", "catalog_used")} == \
         {"used": 300_000, "free": 1024**3 - 300_000, "total": 1024**3, "objects": 1, "catalog_used": 0}
 
-    usage = next(a for a in _artifacts(state.state_details.flow_run_id) if a.key == "datastore-usage")
+    usage = next(a for a in run_artifacts(state.state_details.flow_run_id) if a.key == "datastore-usage")
     rows = {r["datastore"]: r for r in json.loads(usage.data)}
     assert (rows[name]["used"], rows[name]["free"], rows[name]["total"]) == ("293K", "1023.7M", "1G")
-    events = _events("hcx.datastore.monitored", f"hcx.datastore.{name}")
+    events = image_events("hcx.datastore.monitored", f"hcx.datastore.{name}")
     assert [e.payload["used"] for e in events] == [300_000]
 
 

@@ -24,7 +24,8 @@ from flows.clone import clone
 from flows.delete import delete
 from flows.snapshot import snapshot_create, snapshot_delete, snapshot_flatten, snapshot_revert
 from tasks import transfer
-from tests.conftest import ALICE, BOB, all_at_once, register_image
+from flows.launcher import deployable
+from tests.conftest import ALICE, BOB, all_at_once, image_events, register_image, run_artifacts
 
 S = ImageState
 
@@ -151,14 +152,20 @@ def test_a_failed_copy_leaves_no_row_no_object_and_the_image_ready_with_the_erro
     image = ready_image(size=64 * 1024)
     overwrite_object(image, b"not what the catalog recorded")
     before = catalog.used_bytes(image.datastore)
-    with pytest.raises(Exception, match="changed since it was inspected"):
-        snapshot_create(request(image.id, "doomed"))
+    state = deployable()["snapshot-create"](request(image.id, "doomed"), return_state=True)  # with its reporting
+    assert state.is_failed() and "changed since it was inspected" in state.message
     after = catalog.get(image.id)
     assert (after.state, after.snapshots, after.flow_run_id is not None) == (S.READY, 0, True)
     assert "changed since it was inspected" in after.error
     assert snapshots_of(catalog, image.id) == [] and snapshot_keys(image) == []
     assert catalog.used_bytes(image.datastore) == before
     assert [h["to_state"] for h in catalog.history(image.id)][-2:] == ["LOCKED", "READY"]
+    artifacts = run_artifacts(state.state_details.flow_run_id)
+    table = next(json.loads(a.data) for a in artifacts if a.key == "snapshot-create-images")
+    assert [(r["id"], r["state"]) for r in table] == [(image.id, "READY")] and "changed since" in table[0]["error"]
+    assert "changed since it was inspected" in next(a.data for a in artifacts if a.key == "snapshot-create-failure")
+    assert any(a.type == "progress" for a in artifacts)  # the copy's progress
+    assert image_events("hcx.image.ready", f"hcx.image.{image.id}")
 
 
 def test_refused_snapshot_flows_change_nothing(catalog, ready_image):
