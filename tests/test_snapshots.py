@@ -1,7 +1,8 @@
 """Image snapshots against the real SeaweedFS, Prefect harness and catalogs: each operation through
 its flow (objects listed in the bucket, rows, counters, history), each refusal leaving nothing
 changed, a failed copy leaving no row and no object, the seed's flatten-then-clone story, quotas and
-capacity counting snapshot bytes (raced on PostgreSQL), and the verbs through the CLI and the API."""
+capacity counting snapshot bytes (raced on PostgreSQL), what a crashed run leaves settled by its
+own hooks, and the verbs through the CLI and the API."""
 
 from __future__ import annotations
 
@@ -10,21 +11,25 @@ import hashlib
 import json
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.states import Crashed
 
 from blocks.datastore import ObjectRef, load_datastore
 from catalog import operations, snapshots
+from catalog.identity import Directory
 from catalog.model import ImageState, ImageType, NotFound, PermissionDenied, QuotaSubject, Refused, SubjectKind
 from catalog.permissions import Actor
 from catalog.quotas import set_quota
-from catalog.identity import Directory
 from catalog.requests import CloneRequest, DeleteRequest
 from catalog.snapshots import Change, SnapshotRequest, SnapshotState, snapshots_of
 from catalog.store import Catalog
 from flows.clone import clone
 from flows.delete import delete
+from flows.launcher import deployable
+from flows.settle import settle_run
 from flows.snapshot import snapshot_create, snapshot_delete, snapshot_flatten, snapshot_revert
 from tasks import transfer
-from flows.launcher import deployable
+from tasks.snapshots import settle_failed_run
 from tests.conftest import ALICE, BOB, all_at_once, image_events, register_image, run_artifacts
 
 S = ImageState
@@ -285,30 +290,36 @@ def test_snapshot_bytes_count_until_deleted_or_flattened(fresh_catalog, director
 
 
 def test_racing_snapshots_never_overrun_a_quota_nor_lock_an_image_twice(pg_catalog):
-    """On PostgreSQL: 12 snapshots of 12 images at once under a quota with room for 4 -> exactly 4
-    taken; 12 snapshots of one image at once -> exactly one takes its lock."""
+    """On PostgreSQL, 5 rounds: 12 snapshots of 12 images (on 4 datastores) at once under a quota with
+    room for 4 -> exactly 4 taken; 12 snapshots of one image at once -> exactly one takes its lock."""
     catalog = pg_catalog
     directory = Directory(catalog.engine)
-    directory.add_user("alice")
-    images = [register_image(catalog, f"disk{n}", actor=OWNER, size=1000, sha256="a" * 64) for n in range(12)]
-    set_quota(catalog, directory, QuotaSubject(SubjectKind.USER, "alice"), max_bytes=16_000)
-    outcomes = all_at_once([functools.partial(take, catalog, image, "s", run=f"run-{image.id}") for image in images])
-    taken = [o for o in outcomes if not isinstance(o, Exception)]
-    assert len(taken) == 4, outcomes
-    assert all(isinstance(o, Refused) and "Quota of user alice" in str(o) for o in outcomes if o not in taken)
-    assert catalog.usage(QuotaSubject(SubjectKind.USER, "alice")).bytes == 16_000
-    assert sum(catalog.get(i.id).snapshots for i in images) == 4
+    for round_ in range(5):
+        owner = Actor(user=f"racer{round_}", group="users")
+        subject = QuotaSubject(SubjectKind.USER, owner.user)
+        directory.add_user(owner.user)
+        images = [register_image(catalog, f"disk{n}", actor=owner, size=1000, sha256="a" * 64,
+                                 datastore=f"ds{n % 4}") for n in range(12)]  # the quota's lock, not a datastore's
+        set_quota(catalog, directory, subject, max_bytes=16_000)
+        outcomes = all_at_once([functools.partial(take, catalog, image, "s", run=f"run-{image.id}", actor=owner)
+                                for image in images])
+        taken = [o for o in outcomes if not isinstance(o, Exception)]
+        assert len(taken) == 4, outcomes
+        assert all(isinstance(o, Refused) and f"Quota of user {owner.user}" in str(o)
+                   for o in outcomes if o not in taken)
+        assert catalog.usage(subject).bytes == 16_000
+        assert sum(catalog.get(i.id).snapshots for i in images) == 4
 
-    free = next(i for i in images if catalog.get(i.id).snapshots == 0)
-    set_quota(catalog, directory, QuotaSubject(SubjectKind.USER, "alice"))  # no limit
-    outcomes = all_at_once([functools.partial(snapshots.begin_create, catalog, OWNER, free.id, f"s{n}",
-                                              object_uri=URI.format(free.id, n), limit_bytes=None, run_id=f"r{n}")
-                            for n in range(12)])
-    won = [o for o in outcomes if not isinstance(o, Exception)]
-    assert len(won) == 1, outcomes
-    assert all(isinstance(o, Refused) and "it is in state LOCKED" in str(o) for o in outcomes if o not in won)
-    assert [s.state for s in snapshots_of(catalog, free.id)] == [SnapshotState.CREATING]
-    assert catalog.get(free.id).flow_run_id == won[0].flow_run_id
+        free = next(i for i in images if catalog.get(i.id).snapshots == 0)
+        set_quota(catalog, directory, subject)  # no limit
+        outcomes = all_at_once([functools.partial(snapshots.begin_create, catalog, owner, free.id, f"s{n}",
+                                                  object_uri=URI.format(free.id, n), limit_bytes=None,
+                                                  run_id=f"r{round_}-{n}") for n in range(12)])
+        won = [o for o in outcomes if not isinstance(o, Exception)]
+        assert len(won) == 1, outcomes
+        assert all(isinstance(o, Refused) and "it is in state LOCKED" in str(o) for o in outcomes if o not in won)
+        assert [s.state for s in snapshots_of(catalog, free.id)] == [SnapshotState.CREATING]
+        assert catalog.get(free.id).flow_run_id == won[0].flow_run_id
 
 
 # --- through the image API and the CLI ----------------------------------------------------------
@@ -343,3 +354,42 @@ def test_snapshot_verbs_through_the_cli_and_the_api(cli, api_as, ready_image, ca
     flattened = cli("snapshot-flatten", image.id, "before-upgrade", "--wait")
     assert flattened.exit_code == 0 and f"image {image.id} is READY with 0 snapshot(s)" in flattened.stdout
     assert snapshot_keys(image) == [] and catalog.get(image.id).sha256 == image.sha256
+
+
+def test_steps_run_again_change_nothing_and_a_dead_run_is_settled(catalog, ready_image):
+    """What a crash leaves is made whole by the failure hook (reconcile runs it for a dead run):
+    a step run twice charges once; a snapshot copied but never finished is removed, object and
+    row; a revert that already overwrote the image object is recorded as such."""
+    image = ready_image(size=40 * 1024)
+    store = load_datastore(image.datastore)
+    used = catalog.used_bytes(image.datastore)
+    with get_client(sync_client=True) as client:  # a run of the deployment's flow, lost half-way
+        run = client.create_flow_run(deployable()["snapshot-create"],
+                                     parameters={"request": request(image.id, "half").model_dump(mode="json")})
+        run_id = str(run.id)
+        ref = store.snapshot_ref(image.id, run_id)
+        begin = functools.partial(snapshots.begin_create, catalog, ALICE, image.id, "half", object_uri=str(ref),
+                                  limit_bytes=None, run_id=run_id)
+        assert begin() == begin()  # a retried step finds its row: one row, charged once
+        assert catalog.used_bytes(image.datastore) == used + image.size
+        store.server_copy(ObjectRef.parse(image.datastore, image.source), ref, if_match=image.source_etag,
+                          size=image.size)
+        client.set_flow_run_state(run.id, Crashed(message="the worker was lost"), force=True)
+    settle_run.fn(run_id)  # what the crash automation's reconcile does: the run's own crash hooks
+    after = catalog.get(image.id)
+    assert (after.state, after.snapshots, after.error.endswith("the worker was lost")) == (S.READY, 0, True)
+    assert snapshots_of(catalog, image.id) == [] and snapshot_keys(image) == []
+    assert catalog.used_bytes(image.datastore) == used
+    settle_run.fn(run_id)  # settled again: nothing changes
+    assert catalog.get(image.id) == after
+
+    snapshot_create(request(image.id, "kept"))
+    kept = snapshots_of(catalog, image.id)[0]
+    vm_written = written_by_a_vm(catalog, catalog.get(image.id), b"new content" * 100)
+    snapshots.begin_change(catalog, ALICE, image.id, "kept", Change.REVERT, run_id="revert-run")
+    store.server_copy(ObjectRef.parse(kept.datastore, kept.object), ObjectRef.parse(image.datastore, image.source),
+                      if_match=kept.etag, size=kept.size)  # copied over the image, then the process died
+    settle_failed_run(image.id, "revert-run", "its process died", copying_from="kept")
+    reverted = catalog.get(image.id)
+    assert (reverted.state, reverted.sha256, reverted.size, reverted.snapshots) == (S.READY, kept.sha256, kept.size, 1)
+    assert reverted.source_etag != vm_written.source_etag and holds(reverted, image.datastore, reverted.source)
