@@ -101,10 +101,13 @@ def test_snapshot_story_revert_delete_flatten_then_clone(catalog, ready_image, u
     assert catalog.get(image.id).snapshots == 2
 
     clone_request = CloneRequest(owner="alice", source_id=image.id, name=unique_name("copy"))
-    with pytest.raises(Refused, match="persistent and has snapshots; flatten it first"):
-        operations.check_clone(catalog, ALICE, clone_request, limit_bytes=None)
-    with pytest.raises(Refused, match="it has snapshots; flatten it first"):
+    before = everything(catalog, image)
+    with pytest.raises(Refused, match=f"Cannot clone image {image.id}: it is persistent and has snapshots; "
+                                      "flatten it first"):
+        clone(clone_request)
+    with pytest.raises(Refused, match=f"Cannot make image {image.id} non-persistent: it has snapshots; flatten it"):
         operations.set_persistent(catalog, ALICE, image.id, False)
+    assert everything(catalog, image) == before and catalog.name_owner("alice", clone_request.name) is None
 
     assert snapshot_revert(request(image.id, "first")) == 0  # by name
     reverted = catalog.get(image.id)
