@@ -13,9 +13,8 @@ its insert (CREATING, under the accounting locks, before any byte is copied) unt
 Rights: MANAGE on the image for every operation, USE to list them; an image the caller may not
 USE answers exactly as a missing one.
 
-Snapshot rows are read outside the plan's transaction: that is sound because every change to them
-is written together with a compare-and-set of their image's row, so a plan that read them after
-reading the image writes only if neither moved meanwhile.
+Every change to snapshot rows is written together with a compare-and-set of their image's row (the
+plan reads both inside that transaction), so two operations on one image never both win.
 """
 
 from __future__ import annotations
@@ -105,11 +104,19 @@ def _to_snapshot(row: sa.Row) -> Snapshot:
 
 # --- reading ----------------------------------------------------------------------------------
 
+def _of_image(image_id: int) -> sa.Select:
+    return sa.select(snapshots).where(snapshots.c.image_id == image_id).order_by(snapshots.c.number)
+
+
 def snapshots_of(catalog: Catalog, image_id: int) -> list[Snapshot]:
     """Every snapshot row of an image (CREATING ones too), by number."""
     with catalog.engine.connect() as conn:
-        rows = conn.execute(sa.select(snapshots).where(snapshots.c.image_id == image_id).order_by(snapshots.c.number))
-        return [_to_snapshot(r) for r in rows]
+        return [_to_snapshot(r) for r in conn.execute(_of_image(image_id))]
+
+
+def _read_snapshots(read: Reader, image_id: int) -> list[Snapshot]:
+    """The same, read inside a plan's transaction."""
+    return [_to_snapshot(r) for r in read.rows(_of_image(image_id))]
 
 
 def list_snapshots(catalog: Catalog, actor: Actor, image_id: int) -> list[Snapshot]:
@@ -182,7 +189,7 @@ def begin_create(catalog: Catalog, actor: Actor, image_id: int, name: str, *, ob
     def plan(read: Reader) -> list[Step]:
         image = read(image_id) or catalog.get(image_id)
         check_access(actor, image, Right.MANAGE)
-        found = snapshots_of(catalog, image_id)
+        found = _read_snapshots(read, image_id)
         if image.flow_run_id == run_id and _ours(found, run_id) is not None:
             return []  # this run made it already (its task was retried)
         rules.validate_snapshot_name(name)
@@ -220,7 +227,7 @@ def finish_create(catalog: Catalog, image_id: int, *, etag: str, run_id: str | N
         if image is None:
             return []
         rules.owned_by(image, run_id)
-        found = snapshots_of(catalog, image_id)
+        found = _read_snapshots(read, image_id)
         made = _ours(found, run_id)
         if made is None or image.state is not ImageState.LOCKED:
             return []  # finished already
@@ -252,7 +259,7 @@ def begin_change(catalog: Catalog, actor: Actor, image_id: int, ref: str, change
         image = read(image_id) or catalog.get(image_id)
         check_access(actor, image, Right.MANAGE)
         changes = rules.snapshot_begin(image, change.refused_as, run_id)
-        snapshot = resolve(snapshots_of(catalog, image_id), image_id, ref)
+        snapshot = resolve(_read_snapshots(read, image_id), image_id, ref)
         return [Move(image, changes, f"{change.asked_as} {snapshot.label} asked by {actor.user}")]
 
     catalog.commit(plan, writer=run_id)
@@ -262,7 +269,7 @@ def begin_change(catalog: Catalog, actor: Actor, image_id: int, ref: str, change
 def record_content(catalog: Catalog, image_id: int, number: int, *, etag: str, run_id: str | None) -> Image:
     """The image's object now holds snapshot `number`'s bytes (`etag`): its sha256 and sizes are
     the snapshot's (the image stays LOCKED). Written before any snapshot object is removed."""
-    snapshot = _numbered(catalog, image_id, number)
+    snapshot = _numbered(snapshots_of(catalog, image_id), image_id, number)
     return catalog.transition(image_id, rules.record, sha256=snapshot.sha256, size=snapshot.size,
                               virtual_size=snapshot.virtual_size, source_etag=etag, owner=run_id, writer=run_id,
                               message=f"bytes of {snapshot.label} copied over the image")
@@ -278,7 +285,7 @@ def finish_revert(catalog: Catalog, image_id: int, number: int, *, run_id: str |
         rules.owned_by(image, run_id)
         if image.state is not ImageState.LOCKED:
             return []
-        snapshot = _numbered(catalog, image_id, number)
+        snapshot = _numbered(_read_snapshots(read, image_id), image_id, number)
         return [Move(image, rules.snapshot_end(image), f"reverted to {snapshot.label}", run_id),
                 RowWrite(image, lambda conn: _make_active(conn, image_id, number))]
 
@@ -297,7 +304,7 @@ def finish_delete(catalog: Catalog, image_id: int, number: int, *, run_id: str |
         rules.owned_by(image, run_id)
         if image.state is not ImageState.LOCKED:
             return []
-        found = snapshots_of(catalog, image_id)
+        found = _read_snapshots(read, image_id)
         gone = [s for s in found if s.number == number]
         changes = rules.snapshot_end(image, snapshots=_ready_count(found, without={number}))
         return [Move(image, changes, f"snapshot {number} deleted", run_id),
@@ -318,7 +325,7 @@ def finish_flatten(catalog: Catalog, image_id: int, number: int, *, run_id: str 
         rules.owned_by(image, run_id)
         if image.state is not ImageState.LOCKED:
             return []
-        found = snapshots_of(catalog, image_id)
+        found = _read_snapshots(read, image_id)
         return [Move(image, rules.snapshot_end(image, snapshots=0),
                      f"flattened to snapshot {number}: all {len(found)} snapshots removed", run_id),
                 RowWrite(image, lambda conn: _drop_rows(conn, image_id, found))]
@@ -339,7 +346,7 @@ def settle_failure(catalog: Catalog, image_id: int, reason: str, *, run_id: str,
         image = read(image_id)
         if image is None or image.flow_run_id != run_id or image.state is not ImageState.LOCKED:
             return []
-        found = snapshots_of(catalog, image_id)
+        found = _read_snapshots(read, image_id)
         creating = _ours(found, run_id)
         gone = [s for s in found if s.number in missing or s == creating]
         recorded: dict[str, Any] = {}
@@ -357,11 +364,11 @@ def settle_failure(catalog: Catalog, image_id: int, reason: str, *, run_id: str,
     return catalog.find(image_id)
 
 
-def _numbered(catalog: Catalog, image_id: int, number: int) -> Snapshot:
-    found = next((s for s in snapshots_of(catalog, image_id) if s.number == number), None)
-    if found is None:
+def _numbered(found: list[Snapshot], image_id: int, number: int) -> Snapshot:
+    snapshot = next((s for s in found if s.number == number), None)
+    if snapshot is None:
         raise NotFound(f"Image {image_id} has no snapshot {number} any more.")
-    return found
+    return snapshot
 
 
 def _make_active(conn: sa.Connection, image_id: int, number: int | None) -> None:

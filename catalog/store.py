@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -280,7 +280,26 @@ class RowWrite:
 
 
 Step = Move | NewImage | Removal | RowWrite
-Reader = Callable[[int], "Image | None"]
+class Reader(Protocol):
+    """What a plan reads, inside the transaction that writes its steps: an image row by id, and
+    (for the snapshots of catalog/snapshots.py) the rows of any query."""
+
+    def __call__(self, image_id: int) -> Image | None: ...
+
+    def rows(self, query: sa.Select) -> list[sa.Row]: ...
+
+
+@dataclass(frozen=True)
+class _TransactionReader:
+    conn: sa.Connection
+
+    def __call__(self, image_id: int) -> Image | None:
+        return Catalog._read(self.conn, image_id)
+
+    def rows(self, query: sa.Select) -> list[sa.Row]:
+        return list(self.conn.execute(query))
+
+
 NEW_IMAGE_ID = -1  # in a Move's changes: the id the plan's NewImage gets
 NEW_IMAGE_MARK = "{new_image}"  # in a Move's message: the same id
 
@@ -510,7 +529,7 @@ class Catalog:
                 # lock from its start (BEGIN IMMEDIATE), so what it read cannot go stale; on
                 # PostgreSQL the compare-and-set catches a row moved meanwhile.
                 with self.engine.connect().execution_options(**_WRITING) as conn, conn.begin():
-                    steps = plan(lambda image_id: self._read(conn, image_id))
+                    steps = plan(_TransactionReader(conn))
                     ids = self._write(conn, steps, writer)
             except _Stale:
                 continue

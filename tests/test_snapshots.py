@@ -294,7 +294,7 @@ def test_snapshot_bytes_count_until_deleted_or_flattened(fresh_catalog, director
 
 def test_racing_snapshots_never_overrun_a_quota_nor_lock_an_image_twice(pg_catalog):
     """On PostgreSQL, 5 rounds: 12 snapshots of 12 images (on 4 datastores) at once under a quota with
-    room for 4 -> exactly 4 taken; 12 snapshots of one image at once -> exactly one takes its lock."""
+    room for 4 -> exactly 4 taken; 20 snapshots of one image at once -> exactly one takes its lock."""
     catalog = pg_catalog
     directory = Directory(catalog.engine)
     for round_ in range(5):
@@ -317,7 +317,7 @@ def test_racing_snapshots_never_overrun_a_quota_nor_lock_an_image_twice(pg_catal
         set_quota(catalog, directory, subject)  # no limit
         outcomes = all_at_once([functools.partial(snapshots.begin_create, catalog, owner, free.id, f"s{n}",
                                                   object_uri=URI.format(free.id, n), limit_bytes=None,
-                                                  run_id=f"r{round_}-{n}") for n in range(12)])
+                                                  run_id=f"r{round_}-{n}") for n in range(20)])
         won = [o for o in outcomes if not isinstance(o, Exception)]
         assert len(won) == 1, outcomes
         assert all(isinstance(o, Refused) and "it is in state LOCKED" in str(o) for o in outcomes if o not in won)
