@@ -48,7 +48,9 @@ def create_snapshot(image_id: ImageId, body: NewSnapshot, actor: Caller, remote:
 
 
 def _change(change: Change, image_id: int, ref: str, actor: Actor, remote: bool | None) -> Started:
-    snapshot = check_change(catalog(), actor, image_id, ref, change)
+    image = catalog().get_for(actor, image_id, Right.MANAGE)
+    snapshot = check_change(catalog(), actor, image_id, ref, change,
+                            limit_bytes=load_datastore(image.datastore).limit_bytes)
     return _start(f"snapshot-{change.value}", actor, image_id, str(snapshot.number), remote)
 
 

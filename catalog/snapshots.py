@@ -163,11 +163,20 @@ def check_create(catalog: Catalog, actor: Actor, image_id: int, name: str, *, li
     return image
 
 
-def check_change(catalog: Catalog, actor: Actor, image_id: int, ref: str, change: Change) -> Snapshot:
-    """Refuse a revert, delete or flatten that breaks a rule, before anything is written."""
+def check_change(catalog: Catalog, actor: Actor, image_id: int, ref: str, change: Change, *,
+                 limit_bytes: int | None) -> Snapshot:
+    """Refuse a revert, delete or flatten that breaks a rule (or a revert that has no room to grow
+    the image), before anything is written."""
     image = catalog.get_for(actor, image_id, Right.MANAGE)
     rules.snapshot_begin(image, change.refused_as, None)
-    return resolve(snapshots_of(catalog, image_id), image_id, ref)
+    snapshot = resolve(snapshots_of(catalog, image_id), image_id, ref)
+    if change is Change.REVERT and (growth := snapshot.size - (image.size or 0)) > 0:
+        what = f"image {image.id} reverted to {snapshot.label}"
+        rules.check_capacity(datastore=image.datastore, limit=limit_bytes, used=catalog.used_bytes(image.datastore),
+                             required=growth, what=what)
+        catalog.check_quota(owner=image.owner, group=image.group, datastore=image.datastore, required_bytes=growth,
+                            new_images=0, what=what)
+    return snapshot
 
 
 def _check_name_free(found: list[Snapshot], image: Image, name: str) -> None:
@@ -247,10 +256,11 @@ def finish_create(catalog: Catalog, image_id: int, *, etag: str, run_id: str | N
 # --- revert, delete, flatten ------------------------------------------------------------------
 
 def begin_change(catalog: Catalog, actor: Actor, image_id: int, ref: str, change: Change, *,
-                 run_id: str | None) -> Snapshot:
+                 limit_bytes: int | None = None, run_id: str | None) -> Snapshot:
     """READY -> LOCKED by `run_id` for a revert, delete or flatten of the snapshot `ref`; refused
-    (nothing written) when a rule says no or the snapshot does not exist. Run again by the same
-    run, it hands back the snapshot."""
+    (nothing written) when a rule says no or the snapshot does not exist, or for a revert to a
+    larger snapshot, when the datastore (`limit_bytes`) or a quota has no room for the difference
+    (checked under their accounting locks). Run again by the same run, it hands back the snapshot."""
     image = catalog.get_for(actor, image_id, Right.MANAGE)
     if image.state is ImageState.LOCKED and image.flow_run_id == run_id:
         return resolve(snapshots_of(catalog, image_id), image_id, ref)  # this run locked it already
@@ -260,7 +270,12 @@ def begin_change(catalog: Catalog, actor: Actor, image_id: int, ref: str, change
         check_access(actor, image, Right.MANAGE)
         changes = rules.snapshot_begin(image, change.refused_as, run_id)
         snapshot = resolve(_read_snapshots(read, image_id), image_id, ref)
-        return [Move(image, changes, f"{change.asked_as} {snapshot.label} asked by {actor.user}")]
+        steps: list[Step] = [Move(image, changes, f"{change.asked_as} {snapshot.label} asked by {actor.user}")]
+        # Flatten never grows: the image takes one snapshot's size and every snapshot goes.
+        if change is Change.REVERT and (growth := snapshot.size - (image.size or 0)) > 0:
+            steps.append(RowWrite(image, lambda conn: catalog.charge_bytes(
+                conn, image, growth, limit_bytes=limit_bytes, what=f"image {image.id} reverted to {snapshot.label}")))
+        return steps
 
     catalog.commit(plan, writer=run_id)
     return resolve(snapshots_of(catalog, image_id), image_id, ref)

@@ -43,8 +43,10 @@ def finish_snapshot_create(image_id: int, etag: str) -> Image | None:
 @task(**IO_TASK)
 def begin_snapshot_change(request: SnapshotRequest, change: Change) -> Snapshot:
     """Step 1 of a revert, delete or flatten: the image LOCKED by this run; the snapshot it acts on."""
-    return snapshots.begin_change(open_catalog(), request.actor(), request.image_id, request.snapshot, change,
-                                  run_id=current_flow_run_id())
+    catalog, actor = open_catalog(), request.actor()
+    image = catalog.get_for(actor, request.image_id, Right.MANAGE)
+    return snapshots.begin_change(catalog, actor, image.id, request.snapshot, change,
+                                  limit_bytes=load_datastore(image.datastore).limit_bytes, run_id=current_flow_run_id())
 
 
 @task(**IO_TASK)

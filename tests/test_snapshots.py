@@ -206,6 +206,7 @@ def test_refused_snapshot_flows_change_nothing(catalog, ready_image):
 
 OWNER = Actor(user="alice", group="users")
 OTHER = Actor(user="bob", group="staff")
+ADMIN = Actor(user="oneadmin", group="oneadmin", is_admin=True)
 URI = "s3://hcx-images/snapshots/image-{}/{}"
 
 
@@ -290,6 +291,21 @@ def test_snapshot_bytes_count_until_deleted_or_flattened(fresh_catalog, director
     snapshots.finish_flatten(catalog, image.id, 0, run_id="flat")
     assert (catalog.used_bytes("default"), catalog.usage(alice).bytes, catalog.get(image.id).snapshots) == (1000, 1000, 0)
     operations.set_persistent(catalog, OWNER, image.id, False)
+
+    take(catalog, image, "full")  # then the image shrinks to 100 bytes: reverting to "full" grows it by 900
+    catalog.transition(image.id, lambda i: {"state": i.state, "size": 100}, message="written by a VM (test)")
+    set_quota(catalog, directory, alice, max_bytes=1500)
+    for action in (lambda: snapshots.check_change(catalog, OWNER, image.id, "full", Change.REVERT, limit_bytes=None),
+                   lambda: snapshots.begin_change(catalog, OWNER, image.id, "full", Change.REVERT, run_id="grow"),
+                   lambda: snapshots.begin_change(catalog, ADMIN, image.id, "full", Change.REVERT, limit_bytes=1500,
+                                                  run_id="grow")):
+        before = catalog.get(image.id), catalog.history(image.id), catalog.usage(alice)
+        with pytest.raises(Refused) as caught:
+            action()
+        assert f"image {image.id} reverted to snapshot 3 (full)" in str(caught.value) and "900B" in str(caught.value)
+        assert (catalog.get(image.id), catalog.history(image.id), catalog.usage(alice)) == before
+    set_quota(catalog, directory, alice, max_bytes=2000)
+    assert snapshots.begin_change(catalog, OWNER, image.id, "full", Change.REVERT, run_id="grow").number == 3
 
 
 def test_racing_snapshots_never_overrun_a_quota_nor_lock_an_image_twice(pg_catalog):
