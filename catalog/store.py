@@ -280,6 +280,8 @@ class RowWrite:
 
 
 Step = Move | NewImage | Removal | RowWrite
+
+
 class Reader(Protocol):
     """What a plan reads, inside the transaction that writes its steps: an image row by id, and
     (for the snapshots of catalog/snapshots.py) the rows of any query."""
