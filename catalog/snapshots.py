@@ -114,6 +114,14 @@ def snapshots_of(catalog: Catalog, image_id: int) -> list[Snapshot]:
         return [_to_snapshot(r) for r in conn.execute(_of_image(image_id))]
 
 
+def snapshots_in(catalog: Catalog, datastore: str) -> list[Snapshot]:
+    """Every snapshot row kept in a datastore."""
+    with catalog.engine.connect() as conn:
+        rows = conn.execute(sa.select(snapshots).where(snapshots.c.datastore == datastore)
+                            .order_by(snapshots.c.image_id, snapshots.c.number))
+        return [_to_snapshot(r) for r in rows]
+
+
 def _read_snapshots(read: Reader, image_id: int) -> list[Snapshot]:
     """The same, read inside a plan's transaction."""
     return [_to_snapshot(r) for r in read.rows(_of_image(image_id))]

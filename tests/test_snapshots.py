@@ -29,6 +29,7 @@ from flows.launcher import deployable
 from flows.settle import settle_run
 from flows.snapshot import snapshot_create, snapshot_delete, snapshot_flatten, snapshot_revert
 from tasks import transfer
+from tasks.maintenance import audit_objects
 from tasks.snapshots import settle_failed_run
 from tests.conftest import ALICE, BOB, all_at_once, image_events, register_image, run_artifacts
 
@@ -412,3 +413,20 @@ def test_steps_run_again_change_nothing_and_a_dead_run_is_settled(catalog, ready
     reverted = catalog.get(image.id)
     assert (reverted.state, reverted.sha256, reverted.size, reverted.snapshots) == (S.READY, kept.sha256, kept.size, 1)
     assert reverted.source_etag != vm_written.source_etag and holds(reverted, image.datastore, reverted.source)
+
+
+def test_reconcile_audit_reports_orphan_and_missing_snapshot_objects(catalog, ready_image, new_datastore):
+    """Reported, never deleted nor moved: an object in the snapshot area no row claims, and a
+    snapshot whose object went missing behind the catalog's back."""
+    datastore = new_datastore()
+    image = ready_image(datastore=datastore, size=16 * 1024)
+    snapshot_create(request(image.id, "lost"))
+    lost = snapshots_of(catalog, image.id)[0]
+    store = load_datastore(datastore)
+    store.delete(ObjectRef.parse(datastore, lost.object))
+    stray = store.snapshot_ref(image.id, "left-by-someone")
+    store.client().put_object(Bucket=stray.bucket, Key=stray.key, Body=b"stray")
+    report = {(r["kind"], r["target"]): r["action"] for r in audit_objects.fn(datastore)}
+    assert report[("orphan snapshot object", str(stray))].startswith("reported: no snapshot row claims it")
+    assert f"`hcx-image snapshot-delete {image.id} 0` drops it" in report[("missing snapshot object", lost.object)]
+    assert store.exists(stray) and snapshots_of(catalog, image.id) == [lost]
