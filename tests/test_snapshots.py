@@ -178,7 +178,8 @@ def test_a_failed_copy_leaves_no_row_no_object_and_the_image_ready_with_the_erro
 
 
 def test_refused_snapshot_flows_change_nothing(catalog, ready_image):
-    """Refusals from the flows themselves (the API refuses earlier with the same words)."""
+    """Refusals from the flows themselves (the API refuses earlier with the same words; every refusal
+    is checked at catalog level below)."""
     image = ready_image(size=32 * 1024)
     snapshot_create(request(image.id, "kept"))
     operations.disable(catalog, ALICE, image.id)
@@ -186,7 +187,6 @@ def test_refused_snapshot_flows_change_nothing(catalog, ready_image):
     cases = [
         (lambda: snapshot_create(request(image.id, "more")), f"Cannot take a snapshot of image {image.id}, it is in "
                                                              "state DISABLED"),
-        (lambda: snapshot_revert(request(image.id, "kept")), f"Cannot revert image {image.id}, it is in state DISABLED"),
         (lambda: snapshot_flatten(request(image.id, "kept", BOB)), f"Image {image.id} does not exist"),
     ]
     for run, message in cases:
@@ -195,12 +195,10 @@ def test_refused_snapshot_flows_change_nothing(catalog, ready_image):
             run()
         assert everything(catalog, disabled) == before
     operations.enable(catalog, ALICE, image.id)
-    for run, message in [(lambda: snapshot_delete(request(image.id, "nothing")), "has no snapshot 'nothing'"),
-                         (lambda: snapshot_create(request(image.id, "kept")), "already has a snapshot named 'kept'")]:
-        before = everything(catalog, image)
-        with pytest.raises(Refused, match=message):
-            run()
-        assert everything(catalog, image) == before
+    before = everything(catalog, image)
+    with pytest.raises(Refused, match="has no snapshot 'nothing'"):
+        snapshot_delete(request(image.id, "nothing"))
+    assert everything(catalog, image) == before
 
 
 # --- catalog level, SQLite and PostgreSQL: refusals, accounting, races -----------------------------
