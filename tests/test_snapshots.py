@@ -367,6 +367,9 @@ def test_snapshot_verbs_through_the_cli_and_the_api(cli, api_as, ready_image, ca
     assert api_as("bob").get(f"/images/{image.id}/snapshots").status_code == 200
     assert api_as("alice").post(f"/images/{image.id}/snapshots", json={"name": "7"}).status_code == 422
 
+    assert cli("snapshot-create", image.id, "scratch", "--wait").exit_code == 0
+    deleted = cli("snapshot-delete", image.id, "scratch", "--wait")
+    assert deleted.exit_code == 0 and f"image {image.id} is READY with 1 snapshot(s)" in deleted.stdout
     reverted = cli("snapshot-revert", image.id, "0", "--wait")
     assert reverted.exit_code == 0, reverted.stderr
     flattened = cli("snapshot-flatten", image.id, "before-upgrade", "--wait")
