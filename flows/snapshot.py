@@ -55,12 +55,13 @@ def _request() -> SnapshotRequest:
 
 def _copy_over_image(image_id: int, snapshot: Snapshot) -> None:
     """The snapshot's bytes become the image's: a server-side copy over the image object (none when
-    it holds them already), then the image records them."""
+    it holds them already; the catalog says so, no byte is read to find out), then the image records
+    them. Run again, the copy is made again: the object is replaced whole, never half-written."""
     image = open_catalog().get(image_id)
     etag = image.source_etag
     if (image.sha256, image.size) != (snapshot.sha256, snapshot.size):
         etag = copy_into_datastore(src=snapshot_object(snapshot), dst=image_object(image), etag=snapshot.etag,
-                                   size=snapshot.size, sha256=snapshot.sha256).etag
+                                   size=snapshot.size, sha256=snapshot.sha256, reuse=False).etag
     record_snapshot_content(image_id, snapshot.number, etag)
 
 

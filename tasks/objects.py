@@ -212,12 +212,15 @@ def inspect_staged(datastore: str, upload_id: str, declared: DiskFormat | None,
 
 
 @task(**IO_TASK)
-def copy_into_datastore(*, src: ObjectRef, dst: ObjectRef, etag: str, size: int, sha256: str) -> ObjectInfo:
+def copy_into_datastore(*, src: ObjectRef, dst: ObjectRef, etag: str, size: int, sha256: str,
+                        reuse: bool = True) -> ObjectInfo:
     """Adopt, server-side copy or stream the inspected object into the image datastore. A copy
-    already at `dst` (an earlier run that failed later) is reused only if it re-hashes to `sha256`."""
+    already at `dst` (an earlier run that failed later) is reused only if it re-hashes to `sha256`;
+    `reuse` False skips that check (and its full read of `dst`) where `dst` is known to hold other
+    bytes (a snapshot copied over its image)."""
     src_store, dst_store = load_datastore(src.datastore), load_datastore(dst.datastore)
     progress = ProgressArtifact(size, f"Copying {src} to {dst}")
-    if dst != src and transfer.matches(dst_store, dst, size=size, sha256=sha256):
+    if reuse and dst != src and transfer.matches(dst_store, dst, size=size, sha256=sha256):
         info = dst_store.head(dst)
         get_run_logger().info("%s already holds the %d verified bytes: reused", dst, size)
     else:
