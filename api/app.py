@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import admin, errors, images, platform, runs, uploads, vms
+from api import admin, errors, images, platform, runs, snapshots, uploads, vms
 from flows.launcher import crash_runs_whose_process_died, warm_up
 
 log = logging.getLogger("hcx.api")
@@ -51,6 +51,6 @@ def create_app() -> FastAPI:
     def health() -> dict:
         return {"status": "ok"}
 
-    for module in (images, uploads, runs, admin, platform, vms):
+    for module in (images, uploads, runs, admin, platform, vms, snapshots):
         app.include_router(module.router)
     return app

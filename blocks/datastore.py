@@ -207,6 +207,15 @@ class S3Datastore(Block):
         """Where a VM's copy of a non-persistent image lies (in a system datastore), under the VM's prefix."""
         return self.ref(f"{self.prefix}vms/{vm_id}/disk-{image_id}")
 
+    def snapshot_area(self, image_id: int) -> tuple[str, str]:
+        """(bucket, prefix) of an image's snapshots: outside the image and staging areas, so that the
+        audits of those never take a snapshot for an orphan."""
+        return self.bucket, f"{self.prefix}snapshots/image-{image_id}/"
+
+    def snapshot_ref(self, image_id: int, snapshot_id: str) -> ObjectRef:
+        bucket, prefix = self.snapshot_area(image_id)
+        return self.ref(f"{prefix}{snapshot_id}", bucket=bucket)
+
     @property
     def staging_is_own_bucket(self) -> bool:
         return self.staging_bucket in (None, self.bucket)

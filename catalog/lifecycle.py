@@ -25,8 +25,9 @@ TRANSITIONS: dict[ImageState, frozenset[ImageState]] = {
     S.LOCKED: frozenset({S.READY, S.ERROR, S.LOCKED_USED, S.LOCKED_USED_PERS, S.DELETE}),
     S.LOCKED_USED: frozenset({S.USED, S.ERROR, S.LOCKED}),
     S.LOCKED_USED_PERS: frozenset({S.USED_PERS, S.ERROR, S.LOCKED}),
-    # VM acquire, clone acquire, disable, delete; scrub or audit finding the bytes gone or damaged
-    S.READY: frozenset({S.USED, S.USED_PERS, S.CLONE, S.DISABLED, S.DELETE, S.ERROR}),
+    # VM acquire, clone acquire, disable, delete; scrub or audit finding the bytes gone or damaged;
+    # a snapshot operation (LOCKED while its objects move)
+    S.READY: frozenset({S.USED, S.USED_PERS, S.CLONE, S.DISABLED, S.DELETE, S.ERROR, S.LOCKED}),
     # released back to READY; a failed VM or missing object -> ERROR
     S.USED: frozenset({S.READY, S.ERROR}),
     S.USED_PERS: frozenset({S.READY, S.ERROR}),

@@ -319,6 +319,7 @@ class Changes(TypedDict, total=False):
     running_vms: int
     cloning_ops: int
     cloning_id: int | None
+    snapshots: int
     error: str | None
     last_operation: OperationRecord | None
     flow_run_id: str | None

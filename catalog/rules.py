@@ -249,6 +249,38 @@ def vm_release(image: Image, failed: bool = False) -> Changes:
     return {"state": image.state, "running_vms": running}
 
 
+# --- snapshots ---------------------------------------------------------------------------------
+# A snapshot operation (create, revert, delete, flatten) holds the image LOCKED, owned by its flow
+# run, while objects move, and always ends in READY: a failure records its error there.
+
+def snapshot_begin(image: Image, action: str, run_id: str | None) -> Changes:
+    """READY -> LOCKED for a snapshot operation (`action`: what the user asked, for the message)."""
+    if image.type is ImageType.CDROM:
+        raise Refused(f"Cannot {action} image {image.id}: it is a CDROM; only OS and DATABLOCK images have snapshots.")
+    if image.state is not S.READY:
+        raise Refused(f"Cannot {action} image {image.id}, it is in state {image.state.value}: snapshots are taken, "
+                      "reverted, deleted and flattened only while the image is READY (no VM, no clone, no operation).")
+    return {"state": S.LOCKED, "flow_run_id": run_id}
+
+
+def snapshot_end(image: Image, reason: str | None = None, **recorded) -> Changes:
+    """A snapshot operation ended: back to READY, with its error recorded when it failed (`reason`)."""
+    if image.state is not S.LOCKED:
+        raise _refuse_state(image, "end a snapshot operation on")
+    return {"state": S.READY, "error": error_message(reason) if reason else None, "last_operation": None,
+            **recorded}
+
+
+def validate_snapshot_name(name: str) -> None:
+    """Like an image name, and not only digits: a snapshot is named by its name or its number."""
+    validate_name(name)
+    if name.isdigit():
+        raise Refused(f"Invalid snapshot name {name!r}: a name of digits only would read as a snapshot number; "
+                      "add a letter.")
+    if "/" in name:
+        raise Refused(f"Invalid snapshot name {_shown(name)}: it names the snapshot in URLs, so it cannot contain '/'.")
+
+
 # --- delete ----------------------------------------------------------------------------------
 
 def delete(image: Image, *, force: bool, is_admin: bool) -> Changes:
@@ -425,6 +457,9 @@ def change_type(image: Image, new_type: ImageType) -> Changes:
             f"Cannot change the type of image {image.id} in state {image.state.value}: "
             "it must be READY, DISABLED, INIT or ERROR (not used, locked or cloning)."
         )
+    if new_type is ImageType.CDROM and image.snapshots:
+        raise Refused(f"Cannot make image {image.id} a CDROM: it has {image.snapshots} snapshots and CDROMs have none; "
+                      "flatten it first.")
     changes: Changes = {"state": image.state, "type": new_type}
     if new_type is ImageType.CDROM:
         changes["persistent"] = False
@@ -481,17 +516,18 @@ def chgrp(image: Image, actor: Actor, *, group: str) -> Changes:
 _QUOTA_HINT = "delete an image or ask an administrator to raise it."
 
 
-def check_quota(quota: Quota, usage: QuotaUsage, *, required_bytes: int) -> None:
-    """Refuse one more image of `required_bytes` that the quota has no room for."""
+def check_quota(quota: Quota, usage: QuotaUsage, *, required_bytes: int, new_images: int = 1,
+                what: str = "this image") -> None:
+    """Refuse `new_images` more images (0: a snapshot) of `required_bytes` that the quota has no room for."""
     where = f"Quota of {quota.subject} on {quota.scope}"
-    if quota.max_images is not None and usage.images + 1 > quota.max_images:
+    if new_images and quota.max_images is not None and usage.images + new_images > quota.max_images:
         left = max(quota.max_images - usage.images, 0)
         raise Refused(f"{where}: at most {quota.max_images} images, {usage.images} used, {left} left: {_QUOTA_HINT}")
     if quota.max_bytes is not None and usage.bytes + required_bytes > quota.max_bytes:
         left = max(quota.max_bytes - usage.bytes, 0)
         raise Refused(
             f"{where}: at most {human_size(quota.max_bytes)} ({quota.max_bytes} bytes), {human_size(usage.bytes)} "
-            f"used, {human_size(left)} ({left} bytes) left, and this image needs {human_size(required_bytes)} "
+            f"used, {human_size(left)} ({left} bytes) left, and {what} needs {human_size(required_bytes)} "
             f"({required_bytes} bytes): {_QUOTA_HINT}"
         )
 
@@ -505,12 +541,12 @@ def capacity_limit(limit: int | None, *, skip: bool, is_admin: bool) -> int | No
     return None if skip else limit
 
 
-def check_capacity(*, datastore: str, limit: int | None, used: int, required: int) -> None:
-    """Refuse an image that does not fit the datastore's LIMIT (None: no limit)."""
+def check_capacity(*, datastore: str, limit: int | None, used: int, required: int, what: str = "this image") -> None:
+    """Refuse an image (or a snapshot: `what`) that does not fit the datastore's LIMIT (None: no limit)."""
     if limit is not None and used + required > limit:
         free = max(limit - used, 0)
         raise Refused(
-            f"Datastore {datastore} has no room for this image: it needs {human_size(required)} "
+            f"Datastore {datastore} has no room for {what}: it needs {human_size(required)} "
             f"({required} bytes) and {human_size(free)} ({free} bytes) of its {human_size(limit)} limit are free. "
             "Delete images there, or choose another --datastore."
         )

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -119,6 +119,40 @@ quota_accounts = sa.Table(
     sa.Column("kind", sa.String(8), primary_key=True),
     sa.Column("subject", sa.String(128), primary_key=True),
     sa.Column("writes", sa.BigInteger, nullable=False, default=0),
+)
+
+# Snapshots of OS and DATABLOCK images (catalog/snapshots.py): one row per snapshot, a full copy
+# of the image's bytes in its datastore. A row counts against capacity and quotas from the moment it
+# is inserted (CREATING, before its object is written) until it is deleted, like an image row.
+snapshots = sa.Table(
+    "snapshots",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("image_id", sa.Integer, nullable=False, index=True),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("parent", sa.Integer),  # the number of the snapshot the image's bytes came from, if any
+    sa.Column("active", sa.Boolean, nullable=False, default=False),  # the image's bytes came from it
+    sa.Column("datastore", sa.String(128), nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("virtual_size", sa.BigInteger),
+    sa.Column("sha256", sa.String(64)),
+    sa.Column("object", sa.Text, nullable=False),
+    sa.Column("etag", sa.String(128)),
+    sa.Column("flow_run_id", sa.String(64)),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("image_id", "number", name="uq_snapshots_image_number"),
+    sa.UniqueConstraint("image_id", "name", name="uq_snapshots_image_name"),
+    sqlite_autoincrement=True,
+)
+
+# The next snapshot number of each image: numbers only grow, a deleted snapshot's is never given again.
+snapshot_numbers = sa.Table(
+    "snapshot_numbers",
+    metadata,
+    sa.Column("image_id", sa.Integer, primary_key=True),
+    sa.Column("next_number", sa.Integer, nullable=False),
 )
 
 history = sa.Table(
@@ -237,8 +271,38 @@ class Removal:
     owner: str | None = None
 
 
-Step = Move | NewImage | Removal
-Reader = Callable[[int], "Image | None"]
+@dataclass(frozen=True)
+class RowWrite:
+    """A write to a table beside `images` (the snapshots of catalog/snapshots.py), made in the plan's
+    transaction after the steps before it; `write(conn)` may refuse (then nothing is written)."""
+
+    image: Image
+    write: Callable[[sa.Connection], None]
+
+
+Step = Move | NewImage | Removal | RowWrite
+
+
+class Reader(Protocol):
+    """What a plan reads, inside the transaction that writes its steps: an image row by id, and
+    (for the snapshots of catalog/snapshots.py) the rows of any query."""
+
+    def __call__(self, image_id: int) -> Image | None: ...
+
+    def rows(self, query: sa.Select) -> list[sa.Row]: ...
+
+
+@dataclass(frozen=True)
+class _TransactionReader:
+    conn: sa.Connection
+
+    def __call__(self, image_id: int) -> Image | None:
+        return Catalog._read(self.conn, image_id)
+
+    def rows(self, query: sa.Select) -> list[sa.Row]:
+        return list(self.conn.execute(query))
+
+
 NEW_IMAGE_ID = -1  # in a Move's changes: the id the plan's NewImage gets
 NEW_IMAGE_MARK = "{new_image}"  # in a Move's message: the same id
 
@@ -315,9 +379,14 @@ class Catalog:
 
     @staticmethod
     def _used(conn: sa.Connection, datastore: str) -> int:
-        return int(conn.execute(
+        """Bytes of the datastore's images and of their snapshots."""
+        image_bytes = conn.execute(
             sa.select(sa.func.coalesce(sa.func.sum(images.c.size), 0)).where(images.c.datastore == datastore)
-        ).scalar_one())
+        ).scalar_one()
+        snapshot_bytes = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(snapshots.c.size), 0)).where(snapshots.c.datastore == datastore)
+        ).scalar_one()
+        return int(image_bytes) + int(snapshot_bytes)
 
     def name_owner(self, owner: str, name: str) -> Image | None:
         with self.engine.connect() as conn:
@@ -384,25 +453,33 @@ class Catalog:
     @staticmethod
     def _usage(conn: sa.Connection, subject: QuotaSubject, datastore: str | None) -> QuotaUsage:
         """What counts against a quota: every row still present (a DELETE row until its objects are
-        gone), its `size` in bytes. (Snapshots, once they exist, will be added to the bytes here.)"""
+        gone), its `size` in bytes, and the bytes of its snapshots."""
         column = images.c.owner if subject.kind is SubjectKind.USER else images.c.group
         query = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(images.c.size), 0)).where(column == subject.name)
+        snapshot_query = (sa.select(sa.func.coalesce(sa.func.sum(snapshots.c.size), 0))
+                          .select_from(snapshots.join(images, images.c.id == snapshots.c.image_id))
+                          .where(column == subject.name))
         if datastore is not None:
             query = query.where(images.c.datastore == datastore)
+            snapshot_query = snapshot_query.where(images.c.datastore == datastore)
         count, size = conn.execute(query).one()
-        return QuotaUsage(images=int(count), bytes=int(size))
+        return QuotaUsage(images=int(count), bytes=int(size) + int(conn.execute(snapshot_query).scalar_one()))
 
-    def check_quota(self, *, owner: str, group: str, datastore: str, required_bytes: int) -> None:
-        """Refuse a new image of `owner` and `group` on `datastore` that a quota has no room for,
-        before anything is written (the insert checks again under the accounting locks)."""
+    def check_quota(self, *, owner: str, group: str, datastore: str, required_bytes: int,
+                    new_images: int = 1, what: str = "this image") -> None:
+        """Refuse a new image (or `new_images` 0: more bytes, a snapshot) of `owner` and `group` on
+        `datastore` that a quota has no room for, before anything is written (the insert checks
+        again under the accounting locks)."""
         with self.engine.connect() as conn:
             for subject in quota_subjects(owner=owner, group=group):
-                self._check_subject(conn, subject, datastore, required_bytes)
+                self._check_subject(conn, subject, datastore, required_bytes, new_images=new_images, what=what)
 
-    def _check_subject(self, conn: sa.Connection, subject: QuotaSubject, datastore: str, required_bytes: int) -> None:
+    def _check_subject(self, conn: sa.Connection, subject: QuotaSubject, datastore: str, required_bytes: int,
+                       *, new_images: int = 1, what: str = "this image") -> None:
         for quota in self._quotas(conn, subject):
             if quota.datastore in (None, datastore):
-                rules.check_quota(quota, self._usage(conn, subject, quota.datastore), required_bytes=required_bytes)
+                rules.check_quota(quota, self._usage(conn, subject, quota.datastore), required_bytes=required_bytes,
+                                  new_images=new_images, what=what)
 
     def _lock_quota_accounts(self, conn: sa.Connection, subjects: list[QuotaSubject]) -> None:
         """Take the accounting row lock of each subject that has a quota, for the rest of the transaction."""
@@ -420,8 +497,27 @@ class Catalog:
         when a quota of theirs has no room, judged under their accounting locks (the rows are
         counted before the write, so the image itself is not among them)."""
         self._lock_quota_accounts(conn, subjects)
+        required = (image.size or 0) + self._snapshot_bytes(conn, image.id)
         for subject in subjects:
-            self._check_subject(conn, subject, image.datastore, image.size or 0)
+            self._check_subject(conn, subject, image.datastore, required)
+
+    @staticmethod
+    def _snapshot_bytes(conn: sa.Connection, image_id: int) -> int:
+        return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(snapshots.c.size), 0))
+                                .where(snapshots.c.image_id == image_id)).scalar_one())
+
+    def charge_bytes(self, conn: sa.Connection, image: Image, required: int, *, limit_bytes: int | None,
+                     what: str) -> None:
+        """`required` more bytes for `image` (a snapshot of it), inside a plan's transaction: checked
+        against its datastore's capacity (`limit_bytes`, None: unchecked) and the quotas of its owner
+        and group while their accounting rows are locked, as a new image is; no image is added."""
+        self._lock_account(conn, image.datastore)
+        if limit_bytes is not None:
+            rules.check_capacity(datastore=image.datastore, limit=limit_bytes, used=self._used(conn, image.datastore),
+                                 required=required, what=what)
+        self._lock_quota_accounts(conn, _subjects(image))
+        for subject in _subjects(image):
+            self._check_subject(conn, subject, image.datastore, required, new_images=0, what=what)
 
     # --- writing: one transaction per plan -------------------------------------------------
 
@@ -436,7 +532,7 @@ class Catalog:
                 # lock from its start (BEGIN IMMEDIATE), so what it read cannot go stale; on
                 # PostgreSQL the compare-and-set catches a row moved meanwhile.
                 with self.engine.connect().execution_options(**_WRITING) as conn, conn.begin():
-                    steps = plan(lambda image_id: self._read(conn, image_id))
+                    steps = plan(_TransactionReader(conn))
                     ids = self._write(conn, steps, writer)
             except _Stale:
                 continue
@@ -483,6 +579,9 @@ class Catalog:
             if isinstance(step, NewImage):
                 new_id = self._insert(conn, step, writer, now)
                 written.append(new_id)
+            elif isinstance(step, RowWrite):
+                step.write(conn)
+                written.append(step.image.id)
             elif isinstance(step, Move):
                 changes = {k: (new_id if v == NEW_IMAGE_ID and k == "cloning_id" else v)
                            for k, v in step.changes.items()}
@@ -549,6 +648,9 @@ class Catalog:
             where.append(images.c.flow_run_id == step.owner)
         if conn.execute(images.delete().where(*where)).rowcount != 1:
             raise _Stale()
+        # Its snapshots' objects went with the image's (tasks.objects.image_objects): their rows go too.
+        conn.execute(snapshots.delete().where(snapshots.c.image_id == image.id))
+        conn.execute(snapshot_numbers.delete().where(snapshot_numbers.c.image_id == image.id))
         conn.execute(history.insert().values(image_id=image.id, from_state=image.state.value, to_state=None,
                                              flow_run_id=writer, at=now, message=step.message))
 

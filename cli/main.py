@@ -2,7 +2,7 @@
 
 import gc
 
-from cli import datastores, images, lifecycle, platform, users, vms  # noqa: F401  (their verbs register on `app`)
+from cli import datastores, images, lifecycle, platform, snapshots, users, vms  # noqa: F401  (their verbs register on `app`)
 from cli.app import app
 
 app.add_typer(datastores.app, name="datastore")

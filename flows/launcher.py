@@ -40,12 +40,15 @@ def registry() -> dict[str, Flow]:
     from flows.create_empty import create_empty
     from flows.delete import delete
     from flows.retry import retry
+    from flows.snapshot import snapshot_create, snapshot_delete, snapshot_flatten, snapshot_revert
     from flows.upload import upload
     from flows.vm_epilog import vm_epilog
     from flows.vm_prolog import vm_prolog
 
     return {"upload": upload, "clone": clone, "create-empty": create_empty, "delete": delete, "retry": retry,
-            "vm-prolog": vm_prolog, "vm-epilog": vm_epilog}
+            "vm-prolog": vm_prolog, "vm-epilog": vm_epilog,
+            "snapshot-create": snapshot_create, "snapshot-revert": snapshot_revert,
+            "snapshot-delete": snapshot_delete, "snapshot-flatten": snapshot_flatten}
 
 
 def maintenance() -> dict[str, Flow]:

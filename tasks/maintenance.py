@@ -15,6 +15,7 @@ from blocks.datastore import ObjectRef, S3Datastore, load_datastore
 from catalog import rules
 from catalog.model import HcxError, Image, ImageState, NotFound, Refused, human_size, utcnow
 from catalog.settings import get_settings
+from catalog.snapshots import SnapshotState, snapshots_in
 from catalog.staging import open_staging
 from catalog.store import open_catalog
 from tasks.images import current_flow_run_id
@@ -176,6 +177,23 @@ def audit_objects(datastore: str) -> list[Row]:
             report.append(row("missing object", image.source, f"image {image.id} left alone: {exc}"))
             continue
         report.append(row("missing object", image.source, f"image {image.id} ({image.name}) -> {moved.state.value}"))
+    return report + _audit_snapshots(store, datastore)
+
+
+def _audit_snapshots(store: S3Datastore, datastore: str) -> list[Row]:
+    """Snapshot objects no snapshot row claims, and READY snapshots whose object is missing:
+    reported, never deleted nor moved here (a snapshot being created has a row before its object)."""
+    recorded = snapshots_in(open_catalog(), datastore)
+    claimed = {s.object for s in recorded}
+    bucket, prefix = store.bucket, f"{store.prefix}snapshots/"
+    report = [row("orphan snapshot object", uri, "reported: no snapshot row claims it (left for an administrator) "
+                                                 f"({human_size(obj['Size'])})")
+              for obj in store.list_keys(bucket, prefix) if (uri := f"s3://{bucket}/{obj['Key']}") not in claimed]
+    for snapshot in recorded:
+        if snapshot.state is SnapshotState.READY and not store.exists(ObjectRef.parse(datastore, snapshot.object)):
+            report.append(row("missing snapshot object", snapshot.object, (
+                f"reported: {snapshot.label} of image {snapshot.image_id} has lost its object; "
+                f"`hcx-image snapshot-delete {snapshot.image_id} {snapshot.number}` drops it")))
     return report
 
 

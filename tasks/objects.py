@@ -16,6 +16,7 @@ from catalog import rules
 from catalog.model import DiskFormat, HcxError, Image, IntegrityError, Refused, StorageError, human_size
 from catalog.requests import Checksum, UploadRequest
 from catalog.settings import S3_MAX_OBJECT, get_settings
+from catalog.snapshots import Snapshot, snapshots_of
 from catalog.staging import StagedInspection, StagedUpload, open_staging
 from catalog.store import open_catalog
 from tasks import qemu, transfer
@@ -214,12 +215,15 @@ def inspect_staged(datastore: str, upload_id: str, declared: DiskFormat | None,
 
 
 @task(**IO_TASK)
-def copy_into_datastore(*, src: ObjectRef, dst: ObjectRef, etag: str, size: int, sha256: str) -> ObjectInfo:
+def copy_into_datastore(*, src: ObjectRef, dst: ObjectRef, etag: str, size: int, sha256: str,
+                        reuse: bool = True) -> ObjectInfo:
     """Adopt, server-side copy or stream the inspected object into the image datastore. A copy
-    already at `dst` (an earlier run that failed later) is reused only if it re-hashes to `sha256`."""
+    already at `dst` (an earlier run that failed later) is reused only if it re-hashes to `sha256`;
+    `reuse` False skips that check (and its full read of `dst`) where `dst` is known to hold other
+    bytes (a snapshot copied over its image)."""
     src_store, dst_store = load_datastore(src.datastore), load_datastore(dst.datastore)
     progress = ProgressArtifact(size, f"Copying {src} to {dst}")
-    if dst != src and transfer.matches(dst_store, dst, size=size, sha256=sha256):
+    if reuse and dst != src and transfer.matches(dst_store, dst, size=size, sha256=sha256):
         info = dst_store.head(dst)
         get_run_logger().info("%s already holds the %d verified bytes: reused", dst, size)
     else:
@@ -266,29 +270,49 @@ def write_empty_image(image_id: int) -> transfer.InspectedObject:
     return transfer.InspectedObject(ref=ref, etag=info.etag, inspection=made)
 
 
-def image_objects(store: S3Datastore, image: Image) -> list[ObjectRef]:
-    """Every object an image may have in its datastore: its recorded source, its object key (a
-    copy in progress may lie there) and its staged upload."""
-    refs = [ObjectRef.parse(image.datastore, image.source)] if image.source else []
-    if image.upload_id:
-        refs += [store.image_ref(image.upload_id), store.staging_ref(image.upload_id)]
+def snapshot_object(snapshot: Snapshot) -> ObjectRef:
+    return ObjectRef.parse(snapshot.datastore, snapshot.object)
+
+
+def snapshot_objects(store: S3Datastore, image: Image) -> list[ObjectRef]:
+    """Every snapshot object of an image: those its rows record, and anything else in its snapshot
+    area (a copy a crashed run left before its row could say so)."""
+    refs = [snapshot_object(s) for s in snapshots_of(open_catalog(), image.id)]
+    bucket, prefix = store.snapshot_area(image.id)
+    refs += [store.ref(o["Key"], bucket=bucket) for o in store.list_keys(bucket, prefix)]
     return list(dict.fromkeys(refs))
 
 
-@task(**IO_TASK)
-def remove_image_objects(image_id: int) -> list[str]:
-    """Delete every object of an image being deleted, abort its incomplete multipart uploads, and
-    prove they are gone. Idempotent: what is already gone is fine."""
-    image = open_catalog().get(image_id)
-    rules.owned_by(image, flow_run.get_id())  # a superseded delete run deletes nothing
-    store = load_datastore(image.datastore)
-    removed = []
-    for ref in image_objects(store, image):
+def image_objects(store: S3Datastore, image: Image) -> list[ObjectRef]:
+    """Every object an image may have in its datastore: its recorded source, its object key (a
+    copy in progress may lie there), its staged upload and its snapshots."""
+    refs = [ObjectRef.parse(image.datastore, image.source)] if image.source else []
+    if image.upload_id:
+        refs += [store.image_ref(image.upload_id), store.staging_ref(image.upload_id)]
+    return list(dict.fromkeys(refs + snapshot_objects(store, image)))
+
+
+def remove_objects(store: S3Datastore, refs: list[ObjectRef], progress: ProgressArtifact | None = None) -> None:
+    """Delete objects, abort their incomplete multipart uploads, and prove them gone. Idempotent:
+    what is already gone is fine."""
+    for ref in refs:
         store.delete(ref)
         for upload in store.list_multipart_uploads(ref.bucket, ref.key):
             if upload["Key"] == ref.key:
                 store.abort_multipart_upload(ref.bucket, ref.key, upload["UploadId"])
         if store.exists(ref):
             raise StorageError(f"{ref} is still there after its deletion")
-        removed.append(str(ref))
-    return removed
+        if progress is not None:
+            progress(1)
+
+
+@task(**IO_TASK)
+def remove_image_objects(image_id: int) -> list[str]:
+    """Delete every object of an image being deleted (its snapshots' too), abort its incomplete
+    multipart uploads, and prove they are gone. Idempotent: what is already gone is fine."""
+    image = open_catalog().get(image_id)
+    rules.owned_by(image, flow_run.get_id())  # a superseded delete run deletes nothing
+    store = load_datastore(image.datastore)
+    refs = image_objects(store, image)
+    remove_objects(store, refs)
+    return [str(ref) for ref in refs]
