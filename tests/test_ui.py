@@ -42,15 +42,21 @@ def test_ui_asks_for_the_auth_string_first(platform, browser_page):
 
     log_in(page, platform.stack.auth_string())
     expect(page).to_have_url(f"{platform.ui_url}/deployments")
-    expect(page.get_by_role("link", name="upload", exact=True).first).to_be_visible()
+    expect(page.get_by_role("link", name="clone", exact=True).first).to_be_visible()
 
 
 def test_ui_lists_the_deployments(platform, operator_page):
+    """Every deployment, found with the page's search (the list shows ten a page)."""
     page = operator_page
     page.goto(f"{platform.ui_url}/deployments")
+    expect(page.get_by_text(f"{len(deployable())} Deployments")).to_be_visible()
+    search = page.get_by_role("searchbox", name="Search deployments")
     for name in deployable():
+        search.fill(name)
         expect(page.get_by_role("link", name=name, exact=True).first).to_be_visible()
+    search.fill("reconcile")
     expect(page.get_by_role("row", name="reconcile").get_by_text("maintenance")).to_be_visible()
+    search.fill("upload")
     expect(page.get_by_role("row", name="upload").get_by_text("image-operation")).to_be_visible()
 
 
