@@ -16,13 +16,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 
 from catalog.model import ConcurrentChange, Refused, as_utc, utcnow
-from catalog.store import metadata, open_catalog
+from catalog.store import ensure_tables, metadata, open_catalog
 
 KEY_TTL = timedelta(hours=24)
 MAX_KEY_LENGTH = 128
@@ -57,15 +56,9 @@ def _other_request(key: str) -> Refused:
                    "file and options); use a new key for a new request.")
 
 
-@lru_cache
-def _ensure_table(engine: sa.Engine) -> sa.Engine:
-    idempotency_keys.create(engine, checkfirst=True)
-    return engine
-
-
 class IdempotencyKeys:
     def __init__(self, engine: sa.Engine):
-        self.engine = _ensure_table(engine)
+        self.engine = ensure_tables(engine, idempotency_keys)
 
     def claim(self, owner: str, key: str, request_fingerprint: str) -> Claim:
         """Take `key` for this request, or learn that the same request already ran (its flow run).

@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from catalog.model import NotFound, Refused, as_utc, utcnow
 from catalog.permissions import Actor
 from catalog.settings import get_settings
-from catalog.store import dialect_insert, metadata, open_catalog
+from catalog.store import dialect_insert, ensure_tables, metadata, open_catalog
 
 ADMIN_USER = "oneadmin"
 DEFAULT_GROUP = "users"
@@ -102,8 +102,7 @@ def _ensure_tables(engine: sa.Engine) -> sa.Engine:
     """As staging.py: the catalog creates every table of `metadata` it knows when it opens, these
     too when it was opened before this module was imported. Then the groups and the administrator
     that always exist (idempotent, safe when several processes start at once)."""
-    for table in _TABLES:
-        table.create(engine, checkfirst=True)
+    ensure_tables(engine, *_TABLES)
     admin_group = get_settings().admin_group
     with engine.begin() as conn:
         for group in (DEFAULT_GROUP, admin_group):

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 
 import sqlalchemy as sa
 
 from catalog.model import DiskFormat, PermissionDenied, as_utc, utcnow
 from catalog.permissions import Actor
 from catalog.settings import STAGING_TTL_FLOOR_HOURS, STALE_RUN_FLOOR_SECONDS, Settings
-from catalog.store import metadata, open_catalog
+from catalog.store import ensure_tables, metadata, open_catalog
 
 staging_records = sa.Table(
     "staging_records",
@@ -140,22 +139,11 @@ def _to_record(row: sa.Row) -> StagedUpload:
     return StagedUpload(**data)
 
 
-@lru_cache
-def _ensure_table(engine: sa.Engine) -> sa.Engine:
-    """The catalog creates every table of `metadata` it knows when it opens; this one too when the
-    catalog was opened before this module was imported."""
-    staging_records.create(engine, checkfirst=True)
-    staged_inspections.create(engine, checkfirst=True)
-    upload_sessions.create(engine, checkfirst=True)
-    upload_parts.create(engine, checkfirst=True)
-    return engine
-
-
 class StagingRecords:
     """The staging records of one catalog."""
 
     def __init__(self, engine: sa.Engine):
-        self.engine = _ensure_table(engine)
+        self.engine = ensure_tables(engine, staging_records, staged_inspections, upload_sessions, upload_parts)
 
     def record(self, *, upload_id: str, datastore: str, bucket: str, key: str, owner: str, group: str) -> StagedUpload:
         """Record (again) that `owner` stages `upload_id` at s3://bucket/key now; a second record of

@@ -675,6 +675,21 @@ class Catalog:
 
 
 _opening = threading.Lock()
+_making_tables = threading.Lock()
+
+
+def ensure_tables(engine: sa.Engine, *tables: sa.Table) -> sa.Engine:
+    """Tables another module adds to `metadata`: the catalog creates every table it knows when it
+    opens; these too when it was opened before their module was imported. One thread at a time:
+    concurrent CREATE TABLEs on one SQLite file fail with "database is locked"."""
+    with _making_tables:
+        _create_once(engine, tables)
+    return engine
+
+
+@lru_cache
+def _create_once(engine: sa.Engine, tables: tuple[sa.Table, ...]) -> None:
+    metadata.create_all(engine, tables=list(tables))
 
 
 def open_catalog(url: str | None = None) -> Catalog:

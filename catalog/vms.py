@@ -16,10 +16,8 @@ system datastore, made by the prolog flow; the epilog flow deletes copies and re
 from __future__ import annotations
 
 import enum
-import threading
 from dataclasses import dataclass
 from datetime import datetime
-from functools import lru_cache
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as SqlIntegrityError
@@ -27,7 +25,7 @@ from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from catalog import rules
 from catalog.model import HcxError, Image, ImageState, ImageType, NotFound, Refused, missing_image, utcnow
 from catalog.permissions import Actor, Right, check_access
-from catalog.store import Catalog, Move, Reader, Step, metadata
+from catalog.store import Catalog, Move, Reader, Step, ensure_tables, metadata
 
 
 class VmState(str, enum.Enum):
@@ -127,20 +125,9 @@ def missing_vm(name: str | int) -> NotFound:
     return NotFound(f"VM {name} does not exist: `hcx-image vm list` shows your VMs.")
 
 
-_making_tables = threading.Lock()
-
-
-@lru_cache
-def _tables_made(engine: sa.Engine) -> bool:
-    metadata.create_all(engine, tables=[vms, vm_disks])
-    return True
-
-
 def _ready(catalog: Catalog) -> Catalog:
-    """The catalog, with the VM tables (made here when the catalog was opened before this module
-    was imported; one thread at a time: concurrent CREATE TABLEs on SQLite fail)."""
-    with _making_tables:
-        _tables_made(catalog.engine)
+    """The catalog, with the VM tables."""
+    ensure_tables(catalog.engine, vms, vm_disks)
     return catalog
 
 
