@@ -22,20 +22,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_harness import (  # noqa: E402
-    HCX, MB, RssSampler, embedded_stack, human, machine, median, parse_size, random_file, run_timed,
+    HCX, MB, RssSampler, embedded_stack, human, machine, median, parse_size, prefect_database, random_file, run_timed,
 )
 from upload_vs_raw import Raw  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefect-database-url", default=None,
+                        help="HCX_PREFECT_DATABASE_URL of the stack (default: its SQLite, which stalls up to 60 s under load)")
     parser.add_argument("--count", type=int, default=16, help="uploads at once (default 16)")
     parser.add_argument("--size", default="256M", help="size of each file, binary units (default 256M)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds; medians are shown")
     args = parser.parse_args()
     size = parse_size(args.size)
     raw_times, ours_times, api_peaks = [], [], []
-    with embedded_stack() as stack:
+    with embedded_stack(**prefect_database(args.prefect_database_url)) as stack:
         raw = Raw(stack)
         files = [random_file(stack.home / f"file-{n}.raw", size) for n in range(args.count)]
         for round_ in range(args.rounds):

@@ -29,7 +29,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_harness import (  # noqa: E402
-    HCX, MiB, ROOT, Ran, Stack, embedded_stack, machine, median, p95, random_file, run_timed,
+    HCX, MiB, ROOT, Ran, Stack, embedded_stack, machine, median, p95, prefect_database, random_file, run_timed,
 )
 
 # Run with the stack's environment (its HCX_HOME, so its catalog and directory), from the repository.
@@ -104,6 +104,8 @@ def image_id(ran: Ran) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefect-database-url", default=None,
+                        help="HCX_PREFECT_DATABASE_URL of the stack (default: its SQLite, which stalls up to 60 s under load)")
     parser.add_argument("--images", type=int, default=1000, help="rows registered before `list` is timed (1000)")
     parser.add_argument("--repeat", type=int, default=20, help="runs of list, show, enable, rename (20)")
     parser.add_argument("--slow-repeat", type=int, default=5, help="runs of create, clone, delete --wait (5)")
@@ -112,7 +114,7 @@ def main() -> None:
     series = Series(args.warmup)
     r, slow = args.repeat, args.slow_repeat
 
-    with embedded_stack() as stack:
+    with embedded_stack(**prefect_database(args.prefect_database_url)) as stack:
         import httpx
 
         tag = uuid.uuid4().hex[:6]

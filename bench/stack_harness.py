@@ -177,6 +177,11 @@ def stack_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def prefect_database(url: str | None) -> dict[str, str]:
+    """The stack's extra environment for `--prefect-database-url` (none: the embedded SQLite)."""
+    return {"HCX_PREFECT_DATABASE_URL": url} if url else {}
+
+
 @contextmanager
 def embedded_stack(**extra: str) -> Iterator[Stack]:
     """`hcx-image up` in a fresh temporary HCX_HOME; `hcx-image down` and the directory removed after,

@@ -38,7 +38,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_harness import (  # noqa: E402
-    HCX, MB, Ran, RssSampler, Stack, embedded_stack, human, machine, median, parse_size, random_file, run_timed,
+    HCX, MB, Ran, RssSampler, Stack, embedded_stack, human, machine, median, parse_size, prefect_database, random_file, run_timed,
 )
 
 SCRATCH_BUCKET = "bench-raw"
@@ -158,6 +158,8 @@ def measured(stack: Stack, run):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefect-database-url", default=None,
+                        help="HCX_PREFECT_DATABASE_URL of the stack (default: its SQLite, which stalls up to 60 s under load)")
     parser.add_argument("--size", default="1G", help="file size, binary units: 1G, 256M, 64M (default 1G)")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every measurement; medians are shown")
     args = parser.parse_args()
@@ -177,7 +179,7 @@ def main() -> None:
         for role, mib in {**sampler.by_role(), "CLI (hcx-image)": ran.maxrss_mib}.items():
             roles[role] = max(roles.get(role, 0.0), mib)
 
-    with embedded_stack() as stack:
+    with embedded_stack(**prefect_database(args.prefect_database_url)) as stack:
         raw = Raw(stack)
         path = random_file(stack.home / "bench.raw", size)
         print(f"  {human(size)} of random bytes in {path}", file=sys.stderr, flush=True)
