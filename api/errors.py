@@ -31,6 +31,12 @@ def status_of(exc: HcxError) -> int:
     return next(status for kind, status in STATUS_OF if isinstance(exc, kind))
 
 
+# Answers worth asking again in a moment (a race lost, the same request still at work, a datastore
+# away): they say so in Retry-After, which a client that may send its request again follows.
+ASK_AGAIN = (ConcurrentChange, TransientStorageError)
+ASK_AGAIN_AFTER = "1"  # seconds
+
+
 def _field(location: tuple) -> str:
     parts = [str(p) for p in location if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "request body"
@@ -49,7 +55,9 @@ def describe_validation(exc: RequestValidationError | ValidationError) -> str:
 def install(app: FastAPI) -> None:
     @app.exception_handler(HcxError)
     async def refused(request: Request, exc: HcxError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), **getattr(exc, "extra", {})}, status_code=status_of(exc))
+        again = {"Retry-After": ASK_AGAIN_AFTER} if isinstance(exc, ASK_AGAIN) else None
+        return JSONResponse({"detail": str(exc), **getattr(exc, "extra", {})}, status_code=status_of(exc),
+                            headers=again)
 
     @app.exception_handler(RequestValidationError)
     async def malformed(request: Request, exc: RequestValidationError) -> JSONResponse:

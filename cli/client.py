@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -15,7 +16,9 @@ from catalog import DEFAULT_HOME
 from catalog.model import HcxError
 
 TOKEN_FILE = "token"  # under HCX_HOME, mode 600, written by `hcx-image up`
-READ_ATTEMPTS = 3  # a GET that timed out (60 s) is asked again this many times in all
+IDEMPOTENCY_HEADER = "Idempotency-Key"  # a request carrying one gets the first answer when sent again
+ATTEMPTS = 3  # a request that may be sent again, which timed out (60 s) or was told to ask again, in all
+LONGEST_RETRY_AFTER = 10.0  # seconds
 
 
 class ApiError(HcxError):
@@ -119,18 +122,24 @@ class Api:
                                  headers={"Authorization": f"Bearer {bearer or token()}"})
 
     def call(self, method: str, path: str, **kwargs) -> Any:
-        # A read that timed out is asked again (it changes nothing): the service waits on Prefect,
-        # whose SQLite may be locked for a while under load.
-        attempts = READ_ATTEMPTS if method == "GET" else 1
+        # A request that changes nothing when sent again (a read, or one carrying an idempotency key)
+        # is sent again when it timed out or the service said to ask again (Retry-After): the
+        # service waits on Prefect, whose SQLite stalls up to 60 s under load.
+        again_safe = method == "GET" or IDEMPOTENCY_HEADER in (kwargs.get("headers") or {})
+        attempts = ATTEMPTS if again_safe else 1
         for attempt in range(1, attempts + 1):
             try:
                 response = self.http.request(method, path, **kwargs)
-                break
             except httpx.TimeoutException as exc:
                 if attempt == attempts:
                     raise self._unanswered(exc) from None
+                continue
             except httpx.TransportError as exc:
                 raise self._unanswered(exc) from None
+            wait = response.headers.get("Retry-After")
+            if response.is_success or wait is None or attempt == attempts:
+                break
+            time.sleep(min(float(wait) if wait.isdigit() else 1.0, LONGEST_RETRY_AFTER))
         raise_for_answer(response)
         return response.json() if response.content else None
 

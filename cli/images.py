@@ -12,7 +12,7 @@ import typer
 
 from catalog.model import Bus, DiskFormat, HcxError, ImageType, Refused
 from cli.app import app
-from cli.client import Api, remote_param
+from cli.client import IDEMPOTENCY_HEADER, Api, remote_param
 from cli.common import (
     console, literal, print_image_table, print_json, refusals_exit_1, report_new_image, say, transfer_bar,
 )
@@ -144,9 +144,6 @@ def upload_resume(
     session = api.get(f"/uploads/{upload_id}")
     started = send_parts(api, session, file)
     report_new_image(api, started["flow_run_id"], wait=wait)
-
-
-IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 def derived_key(*parts: object) -> str:

@@ -114,9 +114,28 @@ def test_racing_sends_of_one_create_make_one_image(api_as, catalog, unique_name,
     started = {r.json()["flow_run_id"] for r in replies if r.status_code == 202}
     assert len(started) == 1, [r.text for r in replies]
     for reply in replies:
-        assert reply.status_code == 202 or (reply.status_code == 409 and "still at work" in reply.json()["detail"]), \
-            reply.text
+        assert reply.status_code == 202 or (reply.status_code == 409 and "still at work" in reply.json()["detail"]
+                                            and reply.headers["Retry-After"] == "1"), reply.text
     _wait_for_image(client, started.pop())
+    assert len(_named(catalog, name)) == 1
+
+
+def test_the_cli_sends_a_keyed_create_again_until_it_gets_the_first_answer(image_api, tokens, api_as, catalog,
+                                                                           unique_name):
+    """The CLI's client, eight times at once with one key: a "still at work" answer (Retry-After) is
+    asked again, so every caller gets the one flow run, and one image is made."""
+    from cli.client import IDEMPOTENCY_HEADER, Api
+
+    name, key = unique_name("race-cli"), uuid.uuid4().hex
+
+    def send(_):
+        return Api(image_api, tokens["alice"]).post("/images", {"name": name, "size": "1M"},
+                                                    headers={IDEMPOTENCY_HEADER: key})["flow_run_id"]
+
+    with ThreadPoolExecutor(8) as pool:
+        started = set(pool.map(send, range(8)))
+    assert len(started) == 1
+    _wait_for_image(api_as("alice"), started.pop())
     assert len(_named(catalog, name)) == 1
 
 
