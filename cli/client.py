@@ -77,7 +77,7 @@ def tls_for(url: str) -> ssl.SSLContext | bool:
     """Verified TLS for an https API. A plain-http API gets a context with no CA loaded, which no
     certificate can pass: loading the CA bundle costs every command 16 ms for a handshake that
     never happens, and nothing is trusted should one be attempted."""
-    return True if url.startswith("https:") else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    return True if url.lower().startswith("https:") else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
 
 
 _remote: bool | None = None  # --remote/--local for this invocation
