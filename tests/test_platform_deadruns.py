@@ -15,8 +15,10 @@ import signal
 import subprocess
 import stat
 import sys
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -33,7 +35,7 @@ TEMPORARY_SERVER = "temporary server"  # what Prefect prints when it starts (and
 @pytest.fixture(scope="module")
 def quick_platform(tmp_path_factory):
     with platform_up(tmp_path_factory.mktemp("quick"), HCX_MONITOR_EVERY="15", HCX_RECONCILE_EVERY="3600",
-                     HCX_STALE_RUN_SECONDS=str(STALE_SECONDS),
+                     HCX_STALE_RUN_SECONDS=str(STALE_SECONDS), HCX_URL_ALLOW_NETWORKS='["127.0.0.0/8"]',
                      PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5") as started:
         yield started
 
@@ -125,24 +127,55 @@ def _upload_killed_while_locked(platform, source: Path) -> tuple[object, str, fl
     pytest.fail("could not kill the worker while the image was LOCKED in 3 attempts")
 
 
-def test_killed_runs_are_crashed_by_prefect_settled_and_no_wait_hangs(quick_platform, tmp_path):
+class _StalledImage(BaseHTTPRequestHandler):
+    """Announces 256 MiB, sends 24 MiB (three parts of a multipart upload) and holds the rest until
+    the test lets go."""
+
+    protocol_version = "HTTP/1.1"
+    release = threading.Event()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(256 * 1024 * 1024))
+        self.end_headers()
+        for _ in range(24):
+            self.wfile.write(os.urandom(1024 * 1024))
+        self.wfile.flush()
+        self.release.wait(600)
+
+
+@pytest.fixture
+def stalled_image_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StalledImage)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/big.raw"
+    _StalledImage.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_killed_runs_are_crashed_by_prefect_settled_and_no_wait_hangs(quick_platform, stalled_image_url, tmp_path):
     platform = quick_platform
-    # 1. `hcx-image create` (local run, no --wait), its flow-run process killed while it inspects
-    #    the staged bytes: nothing registered yet.
-    big = tmp_path / "big.raw"
-    with open(big, "wb") as out:
-        for _ in range(256):
-            out.write(os.urandom(1024 * 1024))
+    # 1. `hcx-image create --url --wait` (a local run), its flow-run process killed while it fetches
+    #    the image (a server that stalls after 24 MiB): nothing registered, parts of a multipart upload
+    #    staged. (A file's upload is registered a moment after its run starts: too soon to kill.)
     name = f"doomed-{uuid.uuid4().hex[:6]}"
-    create = subprocess.Popen([HCX_CLI, "create", "--name", name, "--type", "DATABLOCK", "--path", str(big)],
+    create = subprocess.Popen([HCX_CLI, "create", "--name", name, "--type", "DATABLOCK", "--url", stalled_image_url,
+                               "--wait"],
                               env={**platform.env, "PYTHONUNBUFFERED": "1"}, cwd=platform.home, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         first = create.stdout.readline()
         assert first.startswith("FLOW RUN: "), first + create.stderr.read()
         unregistered_run = first.split()[-1]
-        _wait_for("the upload run RUNNING",
-                  lambda: platform.flow_run(unregistered_run)["state_type"] == "RUNNING", timeout=60, every=0.05)
+        store = platform.datastore("default")
+        staged = store.staging_ref(platform.flow_run(unregistered_run)["parameters"]["request"]["upload_id"])
+        _wait_for("the import fetching into the staging area",
+                  lambda: store.list_multipart_uploads(staged.bucket, staged.key), timeout=60, every=0.05)
         victims = _processes_of(platform, unregistered_run)
         assert victims, "no process runs the upload"
         for pid in victims:
@@ -151,11 +184,11 @@ def test_killed_runs_are_crashed_by_prefect_settled_and_no_wait_hangs(quick_plat
         assert platform.catalog.find_by_upload_id(
             platform.flow_run(unregistered_run)["parameters"]["request"]["upload_id"]) is None, \
             "killed too late: the image was registered already"
-        # The CLI following it sees its process gone and marks the run CRASHED, which brings the
-        # crash automation's reconcile to the worker: let it finish before the worker is killed below.
-        store = platform.datastore("default")
-        staged = store.staging_ref(platform.flow_run(unregistered_run)["parameters"]["request"]["upload_id"])
-        _wait_for("the unregistered upload's staged bytes removed", lambda: not store.exists(staged), timeout=120)
+        # The service that launched it sees its process gone and marks the run CRASHED, which brings
+        # the crash automation's reconcile to the worker: let it finish before the worker is killed below.
+        _wait_for("the unregistered import's staged parts removed",
+                  lambda: not store.list_multipart_uploads(staged.bucket, staged.key) and not store.exists(staged),
+                  timeout=120)
 
         # 2. an upload through the deployment whose worker is killed while the image is LOCKED;
         #    `up` starts a new worker and leaves the rest as it was.
