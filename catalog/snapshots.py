@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import sqlalchemy as sa
 from pydantic import Field
@@ -235,18 +235,31 @@ def begin_create(catalog: Catalog, actor: Actor, image_id: int, name: str, *, ob
     return made
 
 
-def finish_create(catalog: Catalog, image_id: int, *, etag: str, run_id: str | None) -> Image | None:
-    """The snapshot's object is complete (`etag`): its row READY and the image's active one, the
-    image READY with one more snapshot, in one transaction. Idempotent."""
+def _finish(catalog: Catalog, image_id: int, run_id: str | None,
+            steps: Callable[[Image, list[Snapshot]], list[Step]]) -> Image | None:
+    """The end of a snapshot operation, in one transaction: `steps` of the image (owned by `run_id`)
+    and its snapshots; nothing when the image is gone or no longer LOCKED (finished already)."""
 
     def plan(read: Reader) -> list[Step]:
         image = read(image_id)
         if image is None:
             return []
         rules.owned_by(image, run_id)
-        found = _read_snapshots(read, image_id)
+        if image.state is not ImageState.LOCKED:
+            return []
+        return steps(image, _read_snapshots(read, image_id))
+
+    catalog.commit(plan, writer=run_id)
+    return catalog.find(image_id)
+
+
+def finish_create(catalog: Catalog, image_id: int, *, etag: str, run_id: str | None) -> Image | None:
+    """The snapshot's object is complete (`etag`): its row READY and the image's active one, the
+    image READY with one more snapshot, in one transaction. Idempotent."""
+
+    def steps(image: Image, found: list[Snapshot]) -> list[Step]:
         made = _ours(found, run_id)
-        if made is None or image.state is not ImageState.LOCKED:
+        if made is None:
             return []  # finished already
 
         def mark_ready(conn: sa.Connection) -> None:
@@ -257,8 +270,7 @@ def finish_create(catalog: Catalog, image_id: int, *, etag: str, run_id: str | N
         changes = rules.snapshot_end(image, snapshots=_ready_count(found, plus=1))
         return [Move(image, changes, f"{made.label} taken", run_id), RowWrite(image, mark_ready)]
 
-    catalog.commit(plan, writer=run_id)
-    return catalog.find(image_id)
+    return _finish(catalog, image_id, run_id, steps)
 
 
 # --- revert, delete, flatten ------------------------------------------------------------------
@@ -301,60 +313,37 @@ def record_content(catalog: Catalog, image_id: int, number: int, *, etag: str, r
 def finish_revert(catalog: Catalog, image_id: int, number: int, *, run_id: str | None) -> Image | None:
     """After `record_content`: the snapshot is the image's active one, the image READY. Idempotent."""
 
-    def plan(read: Reader) -> list[Step]:
-        image = read(image_id)
-        if image is None:
-            return []
-        rules.owned_by(image, run_id)
-        if image.state is not ImageState.LOCKED:
-            return []
-        snapshot = _numbered(_read_snapshots(read, image_id), image_id, number)
+    def steps(image: Image, found: list[Snapshot]) -> list[Step]:
+        snapshot = _numbered(found, image_id, number)
         return [Move(image, rules.snapshot_end(image), f"reverted to {snapshot.label}", run_id),
                 RowWrite(image, lambda conn: _make_active(conn, image_id, number))]
 
-    catalog.commit(plan, writer=run_id)
-    return catalog.find(image_id)
+    return _finish(catalog, image_id, run_id, steps)
 
 
 def finish_delete(catalog: Catalog, image_id: int, number: int, *, run_id: str | None) -> Image | None:
     """The snapshot's object is gone: its row goes (its children take its parent), the image READY
     with one snapshot less, in one transaction. Idempotent."""
 
-    def plan(read: Reader) -> list[Step]:
-        image = read(image_id)
-        if image is None:
-            return []
-        rules.owned_by(image, run_id)
-        if image.state is not ImageState.LOCKED:
-            return []
-        found = _read_snapshots(read, image_id)
+    def steps(image: Image, found: list[Snapshot]) -> list[Step]:
         gone = [s for s in found if s.number == number]
         changes = rules.snapshot_end(image, snapshots=_ready_count(found, without={number}))
         return [Move(image, changes, f"snapshot {number} deleted", run_id),
                 RowWrite(image, lambda conn: _drop_rows(conn, image_id, gone))]
 
-    catalog.commit(plan, writer=run_id)
-    return catalog.find(image_id)
+    return _finish(catalog, image_id, run_id, steps)
 
 
 def finish_flatten(catalog: Catalog, image_id: int, number: int, *, run_id: str | None) -> Image | None:
     """After `record_content` and once every snapshot object is gone: every snapshot row goes, the
     image READY with none, in one transaction. Idempotent."""
 
-    def plan(read: Reader) -> list[Step]:
-        image = read(image_id)
-        if image is None:
-            return []
-        rules.owned_by(image, run_id)
-        if image.state is not ImageState.LOCKED:
-            return []
-        found = _read_snapshots(read, image_id)
+    def steps(image: Image, found: list[Snapshot]) -> list[Step]:
         return [Move(image, rules.snapshot_end(image, snapshots=0),
                      f"flattened to snapshot {number}: all {len(found)} snapshots removed", run_id),
                 RowWrite(image, lambda conn: _drop_rows(conn, image_id, found))]
 
-    catalog.commit(plan, writer=run_id)
-    return catalog.find(image_id)
+    return _finish(catalog, image_id, run_id, steps)
 
 
 def settle_failure(catalog: Catalog, image_id: int, reason: str, *, run_id: str, missing: set[int],
