@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 
-from prefect.runtime import flow_run
 
 from catalog import vms
 from catalog.model import HcxError
 from catalog.requests import VmDisksRequest
 from catalog.store import open_catalog
 from flows.hooks import failure_reason, image_operation
-from flows.vm_reporting import report_vm
+from flows.vm_reporting import report_vm, vm_run_name
 from tasks.vms import finish_terminate, release_disk, remove_copy
 
 log = logging.getLogger("hcx.vm")
@@ -37,13 +36,7 @@ def _record_failure(run, state) -> None:
         log.exception("could not record the failed epilog of VM %s", request.vm_id)
 
 
-def _run_name() -> str:
-    request = VmDisksRequest.model_validate(flow_run.parameters["request"])
-    only = f" disks {', '.join(map(str, request.image_ids))}" if request.image_ids else ""
-    return f"vm epilog {request.vm_id}{only}"
-
-
-@image_operation("vm-epilog", run_name=_run_name, on_failure=_on_failure, on_success=report_vm)
+@image_operation("vm-epilog", run_name=lambda: vm_run_name("epilog"), on_failure=_on_failure, on_success=report_vm)
 def vm_epilog(request: VmDisksRequest) -> int:
     """Let go of a VM's DETACHING disks (all of them: terminate; `image_ids`: detach): copies
     deleted, images released; a terminated VM ends TERMINATED."""

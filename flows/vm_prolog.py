@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 
-from prefect.runtime import flow_run
 
 from blocks.datastore import ObjectRef, load_datastore
 from catalog import vms
@@ -20,8 +19,8 @@ from catalog.model import HcxError
 from catalog.requests import VmDisksRequest
 from catalog.store import open_catalog
 from flows.hooks import failure_reason, image_operation
-from flows.vm_reporting import report_vm
-from tasks.objects import copy_into_datastore
+from flows.vm_reporting import report_vm, vm_run_name
+from tasks.objects import copy_into_datastore, remove_objects
 from tasks.vms import copy_made, copy_target, link_disk, start_vm, wait_for_image
 
 log = logging.getLogger("hcx.vm")
@@ -44,16 +43,10 @@ def _release_on_failure(run, state) -> None:
     try:
         for disk in failing:
             if disk.mode is vms.DiskMode.COPY and disk.object and disk.state is not vms.DiskState.DETACHING:
-                load_datastore(disk.datastore).delete(ObjectRef.parse(disk.datastore, disk.object))
+                remove_objects(load_datastore(disk.datastore), [ObjectRef.parse(disk.datastore, disk.object)])
         vms.fail(catalog, vm.id, request.image_ids, reason, writer=str(run.id))
     except HcxError:
         log.exception("could not release the disks of VM %s after its prolog failed", vm.id)
-
-
-def _run_name() -> str:
-    request = VmDisksRequest.model_validate(flow_run.parameters["request"])
-    only = f" disks {', '.join(map(str, request.image_ids))}" if request.image_ids else ""
-    return f"vm prolog {request.vm_id}{only}"
 
 
 def make_disk(vm_id: int, disk: vms.VmDisk) -> None:
@@ -71,7 +64,7 @@ def make_disk(vm_id: int, disk: vms.VmDisk) -> None:
     copy_made(vm_id, disk.image_id, dst)
 
 
-@image_operation("vm-prolog", run_name=_run_name, on_failure=_on_failure, on_success=report_vm)
+@image_operation("vm-prolog", run_name=lambda: vm_run_name("prolog"), on_failure=_on_failure, on_success=report_vm)
 def vm_prolog(request: VmDisksRequest) -> int:
     """Make a VM's disks (all, or those of `image_ids` for an attach): links to persistent images,
     verified copies of non-persistent ones in the system datastore; then the VM is RUNNING."""

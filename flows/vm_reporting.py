@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 from prefect.events import emit_event
+from prefect.runtime import flow_run
 
 from catalog import vms
 from catalog.model import human_size
@@ -17,6 +18,13 @@ from catalog.store import open_catalog
 from flows.reporting import publish_table, redact
 
 log = logging.getLogger("hcx.vm")
+
+
+def vm_run_name(flow_kind: str) -> str:
+    """The run's name: `vm prolog 7` (a whole VM), `vm epilog 7 disks 3, 4` (an attach or detach)."""
+    request = VmDisksRequest.model_validate(flow_run.parameters["request"])
+    only = f" disks {', '.join(map(str, request.image_ids))}" if request.image_ids else ""
+    return f"vm {flow_kind} {request.vm_id}{only}"
 
 
 def disk_rows(vm: vms.Vm) -> list[dict[str, Any]]:

@@ -55,10 +55,7 @@ def record_inspection(upload_id: str, etag: str, inspection: Inspection) -> None
 def drop_staged(store: S3Datastore, staged: ObjectRef, upload_id: str) -> None:
     """Staged bytes and their records go: nothing stays of a refused or abandoned upload, not even
     the parts of an unfinished multipart upload (a run killed while it fetched a URL leaves one)."""
-    for unfinished in store.list_multipart_uploads(staged.bucket, staged.key):
-        if unfinished["Key"] == staged.key:
-            store.abort_multipart_upload(staged.bucket, staged.key, unfinished["UploadId"])
-    store.delete(staged)
+    remove_objects(store, [staged])
     open_staging().forget(upload_id)
 
 

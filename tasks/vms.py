@@ -9,10 +9,11 @@ from prefect import get_run_logger, task
 
 from blocks.datastore import ObjectRef, load_datastore
 from catalog import vms
-from catalog.model import NotFound, StorageError
+from catalog.model import NotFound
 from catalog.settings import get_settings
 from catalog.store import open_catalog
 from tasks.images import current_flow_run_id
+from tasks.objects import remove_objects
 from tasks.retry import IO_TASK
 
 # How often a VM waiting on a LOCKED image looks at it again (a catalog read).
@@ -79,10 +80,7 @@ def start_vm(vm_id: int) -> vms.Vm:
 
 
 def _remove(ref: ObjectRef) -> None:
-    store = load_datastore(ref.datastore)
-    store.delete(ref)
-    if store.exists(ref):
-        raise StorageError(f"{ref} is still there after its deletion")
+    remove_objects(load_datastore(ref.datastore), [ref])
 
 
 @task(**IO_TASK)
