@@ -13,6 +13,8 @@ from functools import lru_cache
 from typing import BinaryIO, Callable, Literal
 
 import boto3
+import botocore.loaders
+import botocore.session
 from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
@@ -86,9 +88,27 @@ class _ClientConfig:
     verify_tls: bool
 
 
+# One loader for every client: botocore's loader caches the service models it reads, and a new
+# session brings a new loader, which reads and parses the S3 model again (~85 ms a client).
+_MODELS = botocore.loaders.create_loader()
+
+
+def _session() -> boto3.session.Session:
+    session = botocore.session.get_session()
+    session.register_component("data_loader", _MODELS)
+    return boto3.session.Session(botocore_session=session)
+
+
+def preload_s3_model() -> None:
+    """Read the S3 model into the shared loader now (a fork server does, for the processes it forks).
+    Building a client opens no connection."""
+    _session().client("s3", endpoint_url="http://127.0.0.1:9", region_name="us-east-1",
+                      aws_access_key_id="preload", aws_secret_access_key="preload")
+
+
 @lru_cache(maxsize=32)
 def _cached_client(config: _ClientConfig):
-    return boto3.session.Session().client(
+    return _session().client(
         "s3",
         endpoint_url=config.endpoint_url,
         region_name=config.region,

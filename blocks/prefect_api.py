@@ -17,7 +17,7 @@ from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE
 
 
 @cache
-def _tls() -> ssl.SSLContext:
+def tls_context() -> ssl.SSLContext:
     """The context Prefect would build for each client (SyncPrefectClient.__init__), built once."""
     if PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value():  # the operator's choice, kept as Prefect keeps it
         context = ssl.create_default_context()
@@ -32,4 +32,4 @@ def prefect_client() -> SyncPrefectClient:
     run's own (Prefect keeps one per run); elsewhere a new one on the process's TLS context."""
     if (context := SyncClientContext.get()) is not None:
         return context.client
-    return get_client(sync_client=True, httpx_settings={"verify": _tls()})
+    return get_client(sync_client=True, httpx_settings={"verify": tls_context()})

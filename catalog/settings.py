@@ -78,12 +78,6 @@ class Settings(BaseSettings):
     remote: bool = Field(
         default=False, description="Send operations through the Prefect deployments (worker)."
     )
-    standby_executors: int = Field(
-        default=2, ge=1, le=16,
-        description="Processes the image API keeps loaded (Python, Prefect, the flows: ~140 MiB each) "
-        "waiting for the next flow run it starts; one takes a run and a new one loads behind it (1.5-2 s), "
-        "so with one, an operation that comes sooner after the last waits for it.",
-    )
     # The platform: work pool, worker and the maintenance schedules (seconds; 0 = no schedule).
     work_pool: str = Field(default="hcx-process", description="Process work pool of the deployments.")
     worker_poll_seconds: float = Field(default=2.0, gt=0, description="How often the worker asks for runs.")

@@ -1,10 +1,10 @@
 """Start an operation's flow run in the background and hand back its id at once.
 
 Local mode: the run is created through the Prefect API, then executed by a detached process of
-its own (`python -m flows.launcher`), so the caller can return while the copy goes on. That process
-is started ahead of time, a standby that has already loaded Prefect and the flows and waits for its
-run on stdin: an operation pays neither the interpreter's start nor the imports (about 1.5 s), and
-each run still has a process of its own to supervise, cancel or kill.
+its own, so the caller can return while the copy goes on. That process is forked by a fork server
+(flows/fork_server.py) that has already loaded Prefect and the flows: an operation pays neither the
+interpreter's start nor the imports (about 1.5 s of CPU), and each run still has a process of its
+own to supervise, cancel or kill.
 Remote mode (HCX_REMOTE=1 or --remote): the run is created on the operation's deployment and a
 worker of the process pool executes it.
 """
@@ -14,12 +14,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from functools import cache
-from pathlib import Path
 from uuid import UUID
 
 from prefect import Flow
@@ -32,6 +30,7 @@ from blocks.prefect_api import prefect_client
 from catalog.model import HcxError
 from catalog.settings import get_settings
 from flows import heartbeat
+from flows.fork_server import ForkServer, RunProcess
 
 
 def registry() -> dict[str, Flow]:
@@ -115,13 +114,13 @@ def submit(flow_name: str, parameters: dict, *, remote: bool | None = None) -> s
     with prefect_client() as client:
         run = client.create_flow_run(flow, parameters=parameters)
         process = _launched[str(run.id)] = _hand_over(flow_name, str(run.id))
-        # Which process runs it, as a worker records it (the standby's command line cannot say).
+        # Which process runs it, as a worker records it (its command line, the fork server's, cannot say).
         client.update_flow_run(run.id, infrastructure_pid=f"{socket.gethostname()}:{process.pid}")
     return str(run.id)
 
 
-_standbys: list[tuple[dict[str, str], subprocess.Popen]] = []  # each one's environment and process, oldest first
-_standby_lock = threading.Lock()
+_fork_server: ForkServer | None = None  # the process that forks each run's process
+_fork_server_lock = threading.Lock()
 
 
 def _launch_environment() -> dict[str, str]:
@@ -130,50 +129,36 @@ def _launch_environment() -> dict[str, str]:
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.heartbeat_seconds)}
 
 
-def _start_standby(env: dict[str, str]) -> subprocess.Popen:
-    logs = get_settings().home.expanduser() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "flow-runs.log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "flows.launcher", STANDBY], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.PIPE, env=env, start_new_session=True, cwd=Path(__file__).resolve().parent.parent,
-        )
-
-
-def _keep_standbys(env: dict[str, str]) -> None:
-    """(With the lock held.) Settings.standby_executors standbys for `env`: ones started for
-    another Prefect API, or that died, are replaced."""
-    global _standbys
-    for kept_env, process in _standbys:
-        if kept_env != env or process.poll() is not None:
-            process.stdin.close()  # it ends on end of input
-    _standbys = [(kept_env, process) for kept_env, process in _standbys
-                 if kept_env == env and process.poll() is None]
-    while len(_standbys) < get_settings().standby_executors:
-        _standbys.append((env, _start_standby(env)))
+def _running_fork_server() -> ForkServer:
+    """(With the lock held.) The fork server for this process's Prefect API: one started for another
+    API, or that ended, is replaced."""
+    global _fork_server
+    env = _launch_environment()
+    if _fork_server is None or _fork_server.env != env or not _fork_server.alive():
+        if _fork_server is not None:
+            _fork_server.close()
+        logs = get_settings().home.expanduser() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        _fork_server = ForkServer(env, logs / "flow-runs.log")
+    return _fork_server
 
 
 def warm_up() -> None:
-    """Make sure standbys wait for the next runs (a service calls this when it starts, so that
-    even its first operation finds one)."""
-    with _standby_lock:
-        _keep_standbys(_launch_environment())
+    """Start the fork server now (a service calls this when it starts, so that even its first
+    operation finds it loaded)."""
+    with _fork_server_lock:
+        _running_fork_server()
 
 
-def _hand_over(flow_name: str, flow_run_id: str) -> subprocess.Popen:
-    """Give the run to the oldest standby (the likeliest to be loaded; no other caller can take
-    the same one) and start the next."""
+def _hand_over(flow_name: str, flow_run_id: str) -> RunProcess:
+    """Have the fork server start the run's process (a new server, should it have just ended)."""
     for _ in range(2):
-        with _standby_lock:
-            _keep_standbys(_launch_environment())
-            _, process = _standbys.pop(0)
-        try:
-            process.stdin.write(f"{flow_name} {flow_run_id}\n".encode())
-            process.stdin.close()
-        except BrokenPipeError:  # it died just now: a new one takes the run
-            continue
-        warm_up()
-        return process
+        with _fork_server_lock:
+            server = _running_fork_server()
+            try:
+                return server.start(flow_name, flow_run_id)
+            except ChildProcessError:
+                server.close()
     raise HcxError(f"Could not start a process for flow run {flow_run_id}: see logs/flow-runs.log under HCX_HOME.")
 
 
@@ -186,7 +171,7 @@ def _prefect_client_env() -> dict[str, str]:
     return env
 
 
-_launched: dict[str, subprocess.Popen] = {}  # the background processes this process started, by flow run
+_launched: dict[str, RunProcess] = {}  # the background processes this process started, by flow run
 
 
 def crash_if_its_process_died(flow_run_id: str) -> bool:
@@ -194,7 +179,7 @@ def crash_if_its_process_died(flow_run_id: str) -> bool:
     whose process exited before the run ended (killed before it began, say: it sent no heartbeat
     yet, so nothing else would ever end it) is marked CRASHED. True when it was."""
     process = _launched.get(flow_run_id)
-    if process is None or process.poll() is None:
+    if process is None or not process.ended():
         return False
     del _launched[flow_run_id]
     with prefect_client() as client:
@@ -202,8 +187,9 @@ def crash_if_its_process_died(flow_run_id: str) -> bool:
         if state is not None and state.is_final():
             return False
         log = get_settings().home.expanduser() / "logs" / "flow-runs.log"
+        code = "unknown" if process.returncode is None else process.returncode
         client.set_flow_run_state(UUID(flow_run_id), Crashed(
-            message=f"The process running this flow run exited (code {process.returncode}) before the run "
+            message=f"The process running this flow run exited (code {code}) before the run "
                     f"ended; its output is in {log}."), force=True)
     return True
 
@@ -256,41 +242,3 @@ def _stop_when_cancelled(flow_run_id: str, every: float = 2.0, grace: float = 10
         os._exit(1)
 
     threading.Thread(target=watch, name="hcx-cancel-watch", daemon=True).start()
-
-
-STANDBY = "--standby"
-
-
-def stand_by() -> None:
-    """Load what a run needs, then wait for `FLOW_NAME RUN_ID` on stdin and execute that run; end
-    quietly on end of input (the service that started this process went away, or took another).
-    While it waits it also builds what every run would build first: the Prefect client its run
-    uses throughout (its TLS context alone takes 50 ms) and the datastores' S3 clients (botocore
-    loads the S3 model for each: 100-150 ms)."""
-    from prefect import flow_engine  # noqa: F401  (loaded now, not when a run waits for it)
-    from prefect.context import SyncClientContext
-
-    deployable()
-    with SyncClientContext.get_or_create():
-        _build_datastore_clients()
-        words = sys.stdin.readline().split()
-        if len(words) == 2:
-            execute(*words)
-
-
-def _build_datastore_clients() -> None:
-    """Best effort: a datastore that cannot be reached now gets its client when a run needs it."""
-    from blocks.datastore import all_datastores
-
-    try:
-        for store in all_datastores().values():
-            store.client()
-    except Exception as exc:  # noqa: BLE001  (a head start only: the run reports what is wrong)
-        print(f"standby: datastore clients not built ahead ({exc.__class__.__name__}: {exc})", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] == [STANDBY]:
-        stand_by()
-    else:
-        execute(sys.argv[1], sys.argv[2])

@@ -79,7 +79,7 @@ def test_a_scheduled_run_happens_and_status_reports_it(quick_platform):
 
 def _processes_of(platform, flow_run_id: str) -> list[int]:
     """The process that runs the flow run, as recorded on it (`infrastructure_pid`, host:pid: the
-    image API's standby that took it), or whose command line names it (a worker's flow-run process)."""
+    process the image API's fork server forked for it), or whose command line names it (a worker's flow-run process)."""
     recorded = platform.flow_run(flow_run_id).get("infrastructure_pid")
     if recorded and Stack.running(Service(pid=int(recorded.rsplit(":", 1)[1]))):
         return [int(recorded.rsplit(":", 1)[1])]

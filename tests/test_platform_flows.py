@@ -9,6 +9,7 @@ import json
 import os
 import time
 import uuid
+from pathlib import Path
 
 from prefect.client.orchestration import get_client
 
@@ -104,25 +105,49 @@ def test_a_run_whose_process_died_before_it_began_is_crashed_by_its_launcher(def
     assert not default_store.exists(default_store.staging_ref(upload_id))
 
 
-def test_standbys_wait_loaded_and_the_oldest_takes_the_next_run(default_store, make_request, unique_name):
-    """HCX_STANDBY_EXECUTORS (2) processes wait loaded; a run goes to the one waiting longest, the
-    others stay for the next runs, a new one loads behind, and the run completes in the process
-    that took it (its S3 and Prefect clients were built while it waited)."""
+def test_the_fork_server_forks_each_runs_process_and_reports_its_exit(default_store, make_request, unique_name):
+    """One loaded process forks the process of each run: a process of its own (its own session, a
+    child of the server, not the server), recorded on the run, that completes the run; the server,
+    single-threaded (fork safety), stays for the next run and reports each exit code. Killed, it
+    is replaced by the next submit; a run it forked before it died is still seen to end."""
+    import signal
+
     from flows import launcher
 
+    def staged_upload(prefix: str) -> str:
+        upload_id = uuid.uuid4().hex
+        default_store.upload(io.BytesIO(os.urandom(256 * 1024)), default_store.staging_ref(upload_id))
+        request = make_request(unique_name(prefix), upload_id=upload_id)
+        return launcher.submit("upload", {"request": request.model_dump(mode="json")}, remote=False)
+
+    def parent_and_session(pid: int) -> tuple[int, int]:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[3])  # ppid, session
+
     launcher.warm_up()
-    waiting = [process for _, process in launcher._standbys]
-    assert len(waiting) == 2 and all(process.poll() is None for process in waiting)
-
-    upload_id = uuid.uuid4().hex
-    default_store.upload(io.BytesIO(os.urandom(256 * 1024)), default_store.staging_ref(upload_id))
-    request = make_request(unique_name("standby"), upload_id=upload_id)
-    run_id = launcher.submit("upload", {"request": request.model_dump(mode="json")}, remote=False)
-
-    assert launcher._launched[run_id] is waiting[0]
-    still_waiting = [process for _, process in launcher._standbys]
-    assert len(still_waiting) == 2 and still_waiting[0] is waiting[1] and waiting[0] not in still_waiting
-    assert waiting[0].wait(timeout=120) == 0
+    server = launcher._fork_server
+    runs = [staged_upload("forked") for _ in range(2)]
+    processes = [launcher._launched[run_id] for run_id in runs]
+    for process in processes:
+        assert process.pid != server.process.pid
+        if Path(f"/proc/{process.pid}").exists() and process.returncode is None:
+            assert parent_and_session(process.pid) == (server.process.pid, process.pid)
+    assert [process.wait(timeout=120) for process in processes] == [0, 0]
+    assert launcher._fork_server is server and server.alive()
+    assert os.listdir(f"/proc/{server.process.pid}/task") == [str(server.process.pid)]  # one thread
     with get_client(sync_client=True) as client:
-        state = client.read_flow_run(run_id).state
-    assert state.is_completed(), state.message
+        for run_id, process in zip(runs, processes):
+            run = client.read_flow_run(run_id)
+            assert run.state.is_completed(), run.state.message
+            assert run.infrastructure_pid.endswith(f":{process.pid}")
+
+    orphan_run = staged_upload("orphaned")
+    orphan = launcher._launched[orphan_run]
+    os.kill(server.process.pid, signal.SIGKILL)
+    server.process.wait(timeout=10)
+    assert orphan.wait(timeout=120) in (None, 0)  # reported before the server died, or seen by the kernel
+    replaced = staged_upload("after")
+    assert launcher._fork_server is not server and launcher._launched[replaced].wait(timeout=120) == 0
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(orphan_run).state.is_completed()
+        assert client.read_flow_run(replaced).state.is_completed()
