@@ -228,6 +228,13 @@ def _state_pids(home: Path) -> list[int]:
     return [state[name]["pid"] for name in ("api", "worker", "prefect", "s3") if state.get(name, {}).get("pid")]
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def random_file(path: Path, size: int) -> Path:
     """`size` random bytes (nothing for a server to compress or deduplicate)."""
     with open(path, "wb") as out:
@@ -329,6 +336,8 @@ class RssSampler:
             if pid == root:
                 return name
         cmd = _cmdline(pid)
+        if "flows.fork_server" in cmd:  # the server, or a run's process it forked (same command line)
+            return "fork server" if _parent(pid) in self.roots.values() else "flow-run process"
         if "flows.launcher" in cmd:
             return "flow-run process"
         return "child: " + (cmd[:60] or str(pid))

@@ -11,12 +11,14 @@ qcow2 header's virtual size must be a positive number no larger than Settings.ma
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 from oslo_utils.imageutils import format_inspector
 
@@ -270,12 +272,22 @@ class HoldBudget:
             self.held -= size
 
 
+class Arrival:
+    """One part's bytes on their way in, with the budget it reserved for being held (0: none)."""
+
+    def __init__(self, number: int, reserved: int):
+        self.number = number
+        self.reserved = reserved
+
+
 class PartsInOrder:
     """The parts of one upload, sent in parallel and in any order, inspected in order as they
     arrive: the next part at once, a later one held (within `budget`) until its turn. A part the
     budget cannot hold is not inspected here: `inspected_parts` then stops short, and whoever
     completes the upload reads the rest back from the store (`resume_from`). So does a process
-    that never saw the first parts (it started after them)."""
+    that never saw the first parts (it started after them). To keep that rare, a later part
+    reserves its room before its bytes are read, and waits, unread, while there is none and the
+    part next in order is on its way (`admit`)."""
 
     def __init__(self, part_size: int, budget: HoldBudget, checksum: Checksum | None = None):
         self.part_size = part_size
@@ -283,25 +295,62 @@ class PartsInOrder:
         self.etags: list[str] = []  # of the parts inspected, in order
         self._budget = budget
         self._held: dict[int, tuple[bytes, str]] = {}
+        self._arriving: collections.Counter[int] = collections.Counter()  # parts whose bytes are coming in
         self._lock = threading.Lock()
         self.last_fed = time.monotonic()
+
+    def admit(self, number: int, size: int, *, next_may_be_on_its_way: bool) -> Arrival | None:
+        """Part `number`, `size` bytes, may come in now (an `Arrival`, to use with `arriving`), or
+        had better wait before its bytes are read (None): it would have to be held, the budget has
+        no room for it, and the part next in order is on its way (once that one is inspected, this
+        one may be next, or there may be room). Otherwise waiting gains nothing.
+        `next_may_be_on_its_way`: a request sent at the same moment may not have said so yet."""
+        with self._lock:
+            following = self.inspected_parts + 1
+            if number <= following:
+                return Arrival(number, 0)
+            if self._budget.take(size):
+                return Arrival(number, size)
+            if following in self._arriving or next_may_be_on_its_way:
+                return None
+            return Arrival(number, 0)
+
+    @contextmanager
+    def arriving(self, arrival: Arrival) -> Iterator[None]:
+        """While the part's bytes are read, stored and fed; its reservation, if `feed` did not
+        take it, goes back to the budget after."""
+        with self._lock:
+            self._arriving[arrival.number] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving[arrival.number] -= 1
+                if not self._arriving[arrival.number]:
+                    del self._arriving[arrival.number]
+                self._budget.give_back(arrival.reserved)
+                arrival.reserved = 0
 
     @property
     def inspected_parts(self) -> int:
         return len(self.etags)
 
-    def feed(self, number: int, data: bytes | bytearray, etag: str) -> None:
-        """Part `number` (1-based) was stored with `etag`."""
+    def feed(self, number: int, data: bytes | bytearray, etag: str, arrival: Arrival | None = None) -> None:
+        """Part `number` (1-based) was stored with `etag` (after `admit` gave it `arrival`)."""
+        reserved = 0
+        if arrival is not None:
+            reserved, arrival.reserved = arrival.reserved, 0  # this call takes the reservation over
         with self._lock:
             self.last_fed = time.monotonic()
-            if number <= self.inspected_parts:
-                return  # sent again after a cut: completion compares the ETags it inspected
             if number > self.inspected_parts + 1:
                 if number in self._held:  # sent again while held: the newer copy counts
                     self._budget.give_back(len(self._held.pop(number)[0]))
-                if self._budget.take(len(data)):
+                if reserved or self._budget.take(len(data)):  # a reservation is the part's size
                     self._held[number] = (data, etag)
                 return
+            self._budget.give_back(reserved)
+            if number <= self.inspected_parts:
+                return  # sent again after a cut: completion compares the ETags it inspected
             self._inspect(data, etag)
             while (following := self._held.pop(self.inspected_parts + 1, None)) is not None:
                 self._budget.give_back(len(following[0]))
