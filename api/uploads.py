@@ -51,6 +51,7 @@ TURN_WAIT_SECONDS = 60.0  # the longest a part waits for the one before it (a se
 SENT_TOGETHER_SECONDS = 0.25  # how long a part waits for the one before it to be seen coming
 _in_flight: anyio.Semaphore | None = None
 _inspecting: dict[str, PartsInOrder] = {}  # by upload id, for the sessions this process saw parts of
+_a_part_came_in: anyio.Event | None = None  # set (and replaced) on the event loop each time a part is in
 
 UploadId = Annotated[str, Path(pattern="^[0-9a-f]{32}$", description="The session's id, made by the service")]
 
@@ -209,12 +210,15 @@ async def put_part(upload_id: UploadId, number: Annotated[int, Path(ge=1, le=MAX
         parts = _inspecting.setdefault(upload_id, PartsInOrder(
             session.part_size, HELD_BYTES, UploadParameters(**session.parameters).checksum()))
     arrival = await _turn_of(parts, number, wanted)
-    with parts.arriving(arrival):
-        async with _part_bodies():
-            data = await _read_part(request, wanted)
-            store, ref = _ref(session)
-            etag = await run_in_threadpool(store.put_part, ref, session.multipart_id, number, data)
-            await run_in_threadpool(parts.feed, number, data, etag, arrival)
+    try:
+        with parts.arriving(arrival):
+            async with _part_bodies():
+                data = await _read_part(request, wanted)
+                store, ref = _ref(session)
+                etag = await run_in_threadpool(store.put_part, ref, session.multipart_id, number, data)
+                await run_in_threadpool(parts.feed, number, data, etag, arrival)
+    finally:
+        _tell_a_part_came_in()  # (or failed to): parts waiting for their turn look again
     await run_in_threadpool(open_staging().part_stored, upload_id, number, etag, wanted)
     return {"part": number, "size": wanted, "etag": etag}
 
@@ -223,14 +227,29 @@ async def _turn_of(parts: PartsInOrder, number: int, size: int) -> Arrival:
     """A part that came too far ahead of the next one in order waits, unread (its sender waits
     too), while the next one is on its way: held or inspected once it comes, it will not be read
     back at completion. Parts sent again out of order after a cut cost 0.7 s of reading back per
-    100 MiB otherwise."""
+    100 MiB otherwise. It looks again each time a part is in (asking every few ms instead cost
+    the image API a tenth of its CPU with 16 uploads at once)."""
     started = time.monotonic()
     while (arrival := parts.admit(number, size, next_may_be_on_its_way=(
             waited := time.monotonic() - started) < SENT_TOGETHER_SECONDS)) is None:
         if waited > TURN_WAIT_SECONDS:
             return Arrival(number, 0)
-        await anyio.sleep(0.005)
+        with anyio.move_on_after(SENT_TOGETHER_SECONDS / 2):  # also when parts go without one coming in
+            await _next_part_in().wait()
     return arrival
+
+
+def _next_part_in() -> anyio.Event:
+    global _a_part_came_in
+    if _a_part_came_in is None:
+        _a_part_came_in = anyio.Event()
+    return _a_part_came_in
+
+
+def _tell_a_part_came_in() -> None:
+    global _a_part_came_in
+    _next_part_in().set()
+    _a_part_came_in = anyio.Event()
 
 
 async def _read_part(request: Request, wanted: int) -> bytearray:

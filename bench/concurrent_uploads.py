@@ -14,6 +14,8 @@ Nothing is asserted: the issue's target is printed next to the figure.
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -22,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stack_harness import (  # noqa: E402
-    HCX, MB, RssSampler, embedded_stack, human, machine, median, parse_size, prefect_database, random_file, run_timed,
+    HCX, MB, RssSampler, cpu_seconds, descendants, embedded_stack, human, machine, median, parse_size,
+    prefect_database, random_file, run_timed,
 )
 from upload_vs_raw import Raw  # noqa: E402
 
@@ -36,7 +39,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds; medians are shown")
     args = parser.parse_args()
     size = parse_size(args.size)
-    raw_times, ours_times, api_peaks = [], [], []
+    raw_times, ours_times, api_peaks, cpu_used = [], [], [], []
     with embedded_stack(**prefect_database(args.prefect_database_url)) as stack:
         raw = Raw(stack)
         files = [random_file(stack.home / f"file-{n}.raw", size) for n in range(args.count)]
@@ -49,6 +52,8 @@ def main() -> None:
             raw_times.append(ran.wall)
 
             print(f"round {round_ + 1}/{args.rounds}: {args.count} uploads at once", file=sys.stderr, flush=True)
+            roles = _cpu_roles(stack)
+            cpu_before = {role: cpu() for role, cpu in roles.items()}
             with RssSampler(stack.our_pids()) as sampler:
                 start = time.perf_counter()
                 clients = [subprocess.Popen([HCX, "create", "--name", f"many-{tag}-{n}", "--type", "DATABLOCK",
@@ -58,6 +63,7 @@ def main() -> None:
                            for n, path in enumerate(files)]
                 outcomes = [client.communicate() + (client.returncode,) for client in clients]
                 ours_times.append(time.perf_counter() - start)
+            cpu_used.append({role: cpu() - cpu_before[role] for role, cpu in roles.items()})
             failed = [err for _, err, rc in outcomes if rc != 0]
             if failed:
                 raise SystemExit(f"{len(failed)} uploads failed; the first:\n{failed[0][-3000:]}")
@@ -76,6 +82,38 @@ def main() -> None:
     ratio = aggregate / (size / MB / single)
     print(f"{'aggregate / one raw stream':<52}{ratio:>8.2f}x  [>= 0.8x]{'  met' if ratio >= 0.8 else '  missed'}")
     print(f"{'image API peak RSS meanwhile':<52}{max(api_peaks):>8.0f} MiB  [<= 300 MB]")
+    last = cpu_used[-1]
+    print(f"CPU seconds while they ran (last round; {os.cpu_count()} cores x {ours_times[-1]:.1f} s = "
+          f"{os.cpu_count() * ours_times[-1]:.0f} s available):")
+    for role, seconds in sorted(last.items(), key=lambda item: -item[1]):
+        print(f"  {role:<50}{seconds:>8.1f} s")
+
+
+def _cpu_roles(stack) -> dict:
+    """What CPU each part of the stack has used so far, by role."""
+    state = stack.reload()
+    api = state["api"]["pid"]
+    servers = [pid for pid in descendants([api]) if "flows.fork_server" in _cmd(pid)]
+    return {
+        "SeaweedFS (weed mini)": lambda: cpu_seconds(state["s3"]["pid"]),
+        "image API": lambda: cpu_seconds(api),
+        "flow runs (forked by the fork server)": lambda: sum(cpu_seconds(pid, reaped_children=True) for pid in servers),
+        "Prefect server": lambda: sum(cpu_seconds(pid) for pid in [state["prefect"]["pid"],
+                                                                   *descendants([state["prefect"]["pid"]])]),
+        "hcx-image CLIs (ended)": lambda: _children_cpu(),
+    }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

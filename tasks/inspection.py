@@ -191,6 +191,9 @@ class HashingReader:
         return self.digest.hexdigest()
 
 
+INSPECTOR_STEP = 1024 * 1024
+
+
 class StreamInspector:
     """Inspection fed in order, chunk by chunk (`update`), from wherever the bytes are: detects the
     format, hashes (sha256, and a published `checksum` to check) and counts. `inspection()` once
@@ -217,8 +220,13 @@ class StreamInspector:
     def update(self, chunk: bytes) -> None:
         if not chunk:
             return
-        self._handed = chunk
-        self._wrapper.read(len(chunk))
+        # The format inspectors see it a MiB at a time: their end-of-stream regions copy every chunk
+        # they are shown twice, and a 16 MiB part's copies were fresh allocations each (page faults):
+        # 51 -> 15 ms of CPU per 16 MiB part. Slices of a memoryview copy nothing.
+        view = memoryview(chunk)
+        for start in range(0, len(view), INSPECTOR_STEP):
+            self._handed = view[start:start + INSPECTOR_STEP]
+            self._wrapper.read(len(self._handed))
         self._sha256.update(chunk)
         if self._checked is not None:
             self._checked.update(chunk)
