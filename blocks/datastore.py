@@ -28,6 +28,7 @@ from catalog.model import IntegrityError, NotFound, Refused, StorageError, Trans
 from catalog.settings import S3_MAX_OBJECT, S3_PARTS, get_settings
 
 Progress = Callable[[int], None]
+SERVER_COPY_CONCURRENCY = 10  # part copies at once inside the endpoint, as boto3's own default
 MAX_PARTS = S3_PARTS  # S3 allows 10,000 parts per multipart upload; keep a margin
 
 # What the object store (or the way to it) can raise; anything else is a bug and propagates as is.
@@ -324,10 +325,12 @@ class S3Datastore(Block):
                     progress: Progress | None = None) -> ObjectInfo:
         """Copy inside the endpoint (UploadPartCopy past the part size, so past 5 GB too), every
         part pinned to the inspected ETag."""
+        config = self.transfer_config(size)
+        config.max_concurrency = SERVER_COPY_CONCURRENCY  # no byte passes through here: memory stays flat
         try:
             self.client().copy(
                 {"Bucket": src.bucket, "Key": src.key}, dst.bucket, dst.key,
-                ExtraArgs={"CopySourceIfMatch": if_match}, Config=self.transfer_config(size), Callback=progress,
+                ExtraArgs={"CopySourceIfMatch": if_match}, Config=config, Callback=progress,
             )
         except _S3_ERRORS as exc:
             raise storage_error(exc, f"copy {src} to {dst}") from None
