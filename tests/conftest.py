@@ -8,6 +8,7 @@ import base64
 import enum
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -114,6 +115,13 @@ def prefect_api(tmp_path_factory):
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The session's home (S3 data, catalogs, logs: about 0.5 GB a worker) goes once every test
+    passed (its stacks are down by then); after a failure it stays, to be read."""
+    if exitstatus == 0:
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
 
 
 def _answers(url: str) -> bool:
