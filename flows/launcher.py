@@ -157,8 +157,8 @@ def _hand_over(flow_name: str, flow_run_id: str) -> RunProcess:
             server = _running_fork_server()
             try:
                 return server.start(flow_name, flow_run_id)
-            except ChildProcessError:
-                server.close()
+            except ChildProcessError:  # ended, or no answer: killed, so that it cannot fork the run late
+                server.process.kill()
     raise HcxError(f"Could not start a process for flow run {flow_run_id}: see logs/flow-runs.log under HCX_HOME.")
 
 
