@@ -216,7 +216,7 @@ async def put_part(upload_id: UploadId, number: Annotated[int, Path(ge=1, le=MAX
                 data = await _read_part(request, wanted)
                 store, ref = _ref(session)
                 etag = await run_in_threadpool(store.put_part, ref, session.multipart_id, number, data)
-                await run_in_threadpool(parts.feed, number, data, etag, arrival)
+                await run_in_threadpool(parts.feed, arrival, data, etag)
     finally:
         _tell_a_part_came_in()  # (or failed to): parts waiting for their turn look again
     await run_in_threadpool(open_staging().part_stored, upload_id, number, etag, wanted)

@@ -343,11 +343,10 @@ class PartsInOrder:
     def inspected_parts(self) -> int:
         return len(self.etags)
 
-    def feed(self, number: int, data: bytes | bytearray, etag: str, arrival: Arrival | None = None) -> None:
-        """Part `number` (1-based) was stored with `etag` (after `admit` gave it `arrival`)."""
-        reserved = 0
-        if arrival is not None:
-            reserved, arrival.reserved = arrival.reserved, 0  # this call takes the reservation over
+    def feed(self, arrival: Arrival, data: bytes | bytearray, etag: str) -> None:
+        """The part `admit` let in (1-based `arrival.number`) was stored with `etag`."""
+        number = arrival.number
+        reserved, arrival.reserved = arrival.reserved, 0  # this call takes the reservation over
         with self._lock:
             self.last_fed = time.monotonic()
             if number > self.inspected_parts + 1:

@@ -342,3 +342,28 @@ def test_a_part_too_far_ahead_waits_unread_while_the_next_one_comes_so_nothing_i
     assert done.status_code == 202, done.text
     image = _wait_ready(alice, done.json()["flow_run_id"])
     assert image["sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def test_a_part_whose_turn_nobody_brings_goes_in_unchecked_and_completion_reads_it_back(api_as, unique_name):
+    """Parts 2-5 fill the budget of held parts and part 1 is not on its way: part 6 does not wait for
+    it (it is answered within seconds, not after the 60 s a sender in flight gets), is stored
+    without being inspected, and completion reads it back: the sha256 is still the file's."""
+    alice = api_as("alice")
+    parts = [os.urandom(PART) for _ in range(6)] + [os.urandom(99)]
+    opened = alice.post("/uploads", json={"name": unique_name("noturn"), "type": "DATABLOCK",
+                                          "size": sum(map(len, parts))})
+    assert opened.status_code == 201, opened.text
+    upload_id = opened.json()["upload_id"]
+    for number in (2, 3, 4, 5):
+        assert alice.put(f"/uploads/{upload_id}/parts/{number}", content=parts[number - 1]).status_code == 200
+    started = time.monotonic()
+    assert alice.put(f"/uploads/{upload_id}/parts/6", content=parts[5]).status_code == 200
+    assert time.monotonic() - started < 10
+    for number in (1, 7):
+        assert alice.put(f"/uploads/{upload_id}/parts/{number}", content=parts[number - 1]).status_code == 200
+    state = alice.get(f"/uploads/{upload_id}").json()
+    assert state["received"] == [1, 2, 3, 4, 5, 6, 7] and state["checked"] == 5  # part 6 was not held
+    done = alice.post(f"/uploads/{upload_id}/complete")
+    assert done.status_code == 202, done.text
+    image = _wait_ready(alice, done.json()["flow_run_id"])
+    assert image["sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
